@@ -21,60 +21,71 @@ _LEVEL_DIR = re.compile(r'^level_([1-7])$')
 
 
 def params_dir(workdir: str, level: int) -> str:
-  return os.path.join(os.path.abspath(workdir), 'params', f'level_{level}')
+    return os.path.join(os.path.abspath(workdir), 'params', f'level_{level}')
 
 
 def saved_levels(workdir: str) -> list[int]:
-  """Levels with finished parameters in `workdir`, finest first."""
-  root = os.path.join(workdir, 'params')
-  if not os.path.isdir(root):
-    return []
-  found = (_LEVEL_DIR.match(name) for name in os.listdir(root))
-  return sorted(int(m.group(1)) for m in found if m)
+    """Levels with finished parameters in `workdir`, finest first."""
+    root = os.path.join(workdir, 'params')
+    if not os.path.isdir(root):
+        return []
+    found = (_LEVEL_DIR.match(name) for name in os.listdir(root))
+    return sorted(int(m.group(1)) for m in found if m)
 
 
 def save_params(workdir: str, level: int, params: Any, meta: dict) -> str:
-  """Writes params (+ meta, which must hold `channels` and `input_channels`) atomically.
+    """Writes params (+ meta, which must hold `channels` and `input_channels`) atomically.
 
-  Must be called by every process of a multi-host run (orbax coordinates; process 0 writes).
-  An existing `level_K` is replaced.
-  """
-  for key in ('channels', 'input_channels'):
-    if key not in meta:
-      raise ValueError(f'save_params: meta must contain {key!r}; got keys {sorted(meta)}')
-  path = params_dir(workdir, level)
-  params = jax.tree.map(np.asarray, jax.device_get(params))
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(path, ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({**meta, 'level': level})), force=True)
-  return path
+    Must be called by every process of a multi-host run (orbax coordinates; process 0 writes).
+    An existing `level_K` is replaced.
+    """
+    for key in ('channels', 'input_channels'):
+        if key not in meta:
+            raise ValueError(f'save_params: meta must contain {key!r}; got keys {sorted(meta)}')
+    path = params_dir(workdir, level)
+    params = jax.tree.map(np.asarray, jax.device_get(params))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(
+            path,
+            ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                meta=ocp.args.JsonSave({**meta, 'level': level}),
+            ),
+            force=True,
+        )
+    return path
 
 
 def load_params(workdir: str, level: int | None = None) -> tuple[Any, dict]:
-  """Reads finished parameters: those of `level`, or of the finest level saved when None.
+    """Reads finished parameters: those of `level`, or of the finest level saved when None.
 
-  Returns (params as numpy float32 tree, meta). Raises FileNotFoundError naming the directory when
-  nothing is there, ValueError when the stored tree does not fit the PyNET described by meta.
-  """
-  levels = saved_levels(workdir)
-  if level is None:
-    if not levels:
-      raise FileNotFoundError(
-          f'No trained parameters in {os.path.join(workdir, "params")!r}: train first '
-          f'(--mode=train) or import the released model (--mode=convert --tf_checkpoint=...)')
-    level = levels[0]
-  path = params_dir(workdir, level)
-  if level not in levels:
-    raise FileNotFoundError(f'No parameters for level {level} at {path!r} (saved levels: {levels})')
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    meta = checkpointer.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    expected = model_lib.param_shapes(meta['channels'], meta['input_channels'])
-    target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected)
-    try:
-      restored = checkpointer.restore(
-          path, ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    except (ValueError, KeyError) as e:
-      raise ValueError(f'{path}: stored parameters do not match PyNET(channels={meta["channels"]}, '
-                       f'input_channels={meta["input_channels"]}): {e}') from None
-  return jax.tree.map(np.asarray, restored['params']), meta
+    Returns (params as numpy float32 tree, meta). Raises FileNotFoundError naming the directory when
+    nothing is there, ValueError when the stored tree does not fit the PyNET described by meta.
+    """
+    levels = saved_levels(workdir)
+    if level is None:
+        if not levels:
+            raise FileNotFoundError(
+                f'No trained parameters in {os.path.join(workdir, "params")!r}: train first '
+                f'(--mode=train) or import the released model (--mode=convert --tf_checkpoint=...)'
+            )
+        level = levels[0]
+    path = params_dir(workdir, level)
+    if level not in levels:
+        raise FileNotFoundError(
+            f'No parameters for level {level} at {path!r} (saved levels: {levels})'
+        )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        meta = checkpointer.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+        expected = model_lib.param_shapes(meta['channels'], meta['input_channels'])
+        target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected)
+        try:
+            restored = checkpointer.restore(
+                path, ocp.args.Composite(params=ocp.args.StandardRestore(target))
+            )
+        except (ValueError, KeyError) as e:
+            raise ValueError(
+                f'{path}: stored parameters do not match PyNET(channels={meta["channels"]}, '
+                f'input_channels={meta["input_channels"]}): {e}'
+            ) from None
+    return jax.tree.map(np.asarray, restored['params']), meta

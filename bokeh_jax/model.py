@@ -38,378 +38,403 @@ LEVEL2_WIDTH = 8
 
 
 def level_output_scale(level: int) -> float:
-  """Output side of `level` relative to the model input side: 2 for level 1, 1/32 for level 7."""
-  return 2.0 ** (2 - level)
+    """Output side of `level` relative to the model input side: 2 for level 1, 1/32 for level 7."""
+    return 2.0 ** (2 - level)
 
 
 def leaky_relu(x: jax.Array) -> jax.Array:
-  return jnp.maximum(0.2 * x, x)
+    return jnp.maximum(0.2 * x, x)
 
 
 def space_to_depth(x: jax.Array) -> jax.Array:
-  """[N, H, W, C] -> [N, H/2, W/2, 4C], channel index (dy*2 + dx)*C + c as TF's space_to_depth."""
-  n, h, w, c = x.shape
-  x = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(n, h // 2, w // 2, 4 * c)
+    """[N, H, W, C] -> [N, H/2, W/2, 4C], channel index (dy*2 + dx)*C + c as TF's space_to_depth."""
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h // 2, w // 2, 4 * c)
 
 
 def max_pool(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
 
 
 def image_head(z: jax.Array) -> jax.Array:
-  """Maps logits to an image: tanh(z)*0.58 + 0.5, range about -0.08..1.08 (unclipped)."""
-  return jnp.tanh(z) * 0.58 + 0.5
+    """Maps logits to an image: tanh(z)*0.58 + 0.5, range about -0.08..1.08 (unclipped)."""
+    return jnp.tanh(z) * 0.58 + 0.5
 
 
 class ConvLayer(nn.Module):
-  """conv(k, n): stride 1, zero 'SAME' padding, bias, optional instance norm, leaky ReLU 0.2."""
-  features: int
-  kernel: int
-  instance_norm: bool
-  activation: bool = True
-  dtype: Any = jnp.float32
+    """conv(k, n): stride 1, zero 'SAME' padding, bias, optional instance norm, leaky ReLU 0.2."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.features, (self.kernel, self.kernel), padding='SAME', dtype=self.dtype,
-                name='conv')(x)
-    if self.instance_norm:
-      # Per sample and channel over H, W; biased variance; eps inside the sqrt (TF original).
-      x = nn.InstanceNorm(epsilon=1e-3, dtype=self.dtype, name='norm')(x)
-    return leaky_relu(x) if self.activation else x
+    features: int
+    kernel: int
+    instance_norm: bool
+    activation: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Conv(
+            self.features, (self.kernel, self.kernel), padding='SAME', dtype=self.dtype, name='conv'
+        )(x)
+        if self.instance_norm:
+            # Per sample and channel over H, W; biased variance; eps inside the sqrt (TF original).
+            x = nn.InstanceNorm(epsilon=1e-3, dtype=self.dtype, name='norm')(x)
+        return leaky_relu(x) if self.activation else x
 
 
 class MultiBlock(nn.Module):
-  """mb(kmax, n): parallel branches of two conv(k, n) for k = 3, 5, ..., kmax, concatenated."""
-  kmax: int
-  features: int
-  instance_norm: bool
-  dtype: Any = jnp.float32
+    """mb(kmax, n): parallel branches of two conv(k, n) for k = 3, 5, ..., kmax, concatenated."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    outputs = []
-    for k in range(3, self.kmax + 1, 2):
-      y = ConvLayer(self.features, k, self.instance_norm, dtype=self.dtype, name=f'k{k}a')(x)
-      y = ConvLayer(self.features, k, self.instance_norm, dtype=self.dtype, name=f'k{k}b')(y)
-      outputs.append(y)
-    return jnp.concatenate(outputs, axis=-1)
+    kmax: int
+    features: int
+    instance_norm: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        outputs = []
+        for k in range(3, self.kmax + 1, 2):
+            y = ConvLayer(self.features, k, self.instance_norm, dtype=self.dtype, name=f'k{k}a')(x)
+            y = ConvLayer(self.features, k, self.instance_norm, dtype=self.dtype, name=f'k{k}b')(y)
+            outputs.append(y)
+        return jnp.concatenate(outputs, axis=-1)
 
 
 class Upsample(nn.Module):
-  """up(n): 3x3 stride-2 transposed conv (TF 'SAME': exactly 2H x 2W), no bias, leaky ReLU."""
-  features: int
-  activation: bool = True
-  dtype: Any = jnp.float32
+    """up(n): 3x3 stride-2 transposed conv (TF 'SAME': exactly 2H x 2W), no bias, leaky ReLU."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    # transpose_kernel=True takes TF's conv2d_transpose kernel layout [3, 3, out, in] as is.
-    x = nn.ConvTranspose(self.features, (3, 3), strides=(2, 2), padding='SAME', use_bias=False,
-                         transpose_kernel=True, dtype=self.dtype, name='conv')(x)
-    return leaky_relu(x) if self.activation else x
+    features: int
+    activation: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # transpose_kernel=True takes TF's conv2d_transpose kernel layout [3, 3, out, in] as is.
+        x = nn.ConvTranspose(
+            self.features,
+            (3, 3),
+            strides=(2, 2),
+            padding='SAME',
+            use_bias=False,
+            transpose_kernel=True,
+            dtype=self.dtype,
+            name='conv',
+        )(x)
+        return leaky_relu(x) if self.activation else x
 
 
 class Head(nn.Module):
-  """3x3 conv to RGB logits with bias, no norm, no activation."""
-  dtype: Any = jnp.float32
+    """3x3 conv to RGB logits with bias, no norm, no activation."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Conv(3, (3, 3), padding='SAME', dtype=self.dtype, name='conv')(x)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Conv(3, (3, 3), padding='SAME', dtype=self.dtype, name='conv')(x)
 
 
 def _cat(*xs: jax.Array) -> jax.Array:
-  return jnp.concatenate(xs, axis=-1)
+    return jnp.concatenate(xs, axis=-1)
 
 
 class _Level(nn.Module):
-  """Shared plumbing of a pyramid level: `head` (side output) and `up_a`/`up_b` (to the next level)."""
-  channels: int = 32
-  dtype: Any = jnp.float32
+    """Shared plumbing of a pyramid level: `head` (side output) and `up_a`/`up_b` (to the next level)."""
 
-  def mb(self, kmax: int, width: int, instance_norm: bool = True) -> MultiBlock:
-    return MultiBlock(kmax, width, instance_norm, dtype=self.dtype)
+    channels: int = 32
+    dtype: Any = jnp.float32
 
-  def image(self, f: jax.Array) -> jax.Array:
-    """Side output: float32 image from the level's features."""
-    return image_head(self.head(f)).astype(jnp.float32)
+    def mb(self, kmax: int, width: int, instance_norm: bool = True) -> MultiBlock:
+        return MultiBlock(kmax, width, instance_norm, dtype=self.dtype)
 
-  def ups(self, f: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The two separate transposed convs that feed the next finer level."""
-    return self.up_a(f), self.up_b(f)
+    def image(self, f: jax.Array) -> jax.Array:
+        """Side output: float32 image from the level's features."""
+        return image_head(self.head(f)).astype(jnp.float32)
+
+    def ups(self, f: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The two separate transposed convs that feed the next finer level."""
+        return self.up_a(f), self.up_b(f)
 
 
 class Encoder(_Level):
-  """e1..e4 at H/2 ... H/16 (after space-to-depth); no instance norm in e1."""
+    """e1..e4 at H/2 ... H/16 (after space-to-depth); no instance norm in e1."""
 
-  def setup(self):
-    c = self.channels
-    self.e1 = self.mb(3, c, instance_norm=False)
-    self.e2 = self.mb(3, 2 * c)
-    self.e3 = self.mb(3, 4 * c)
-    self.e4 = self.mb(3, 8 * c)
+    def setup(self):
+        c = self.channels
+        self.e1 = self.mb(3, c, instance_norm=False)
+        self.e2 = self.mb(3, 2 * c)
+        self.e3 = self.mb(3, 4 * c)
+        self.e4 = self.mb(3, 8 * c)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    e1 = self.e1(space_to_depth(x))
-    e2 = self.e2(max_pool(e1))
-    e3 = self.e3(max_pool(e2))
-    e4 = self.e4(max_pool(e3))
-    return e1, e2, e3, e4
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        e1 = self.e1(space_to_depth(x))
+        e2 = self.e2(max_pool(e1))
+        e3 = self.e3(max_pool(e2))
+        e4 = self.e4(max_pool(e3))
+        return e1, e2, e3, e4
 
 
 class Level7(_Level):
-  """H/32: a residual trunk of 512-wide blocks (at width 32)."""
+    """H/32: a residual trunk of 512-wide blocks (at width 32)."""
 
-  def setup(self):
-    w = 16 * self.channels
-    self.d1, self.d2, self.d3, self.f = (self.mb(3, w) for _ in range(4))
-    self.up_a = Upsample(8 * self.channels, dtype=self.dtype)
-    self.up_b = Upsample(8 * self.channels, dtype=self.dtype)
-    self.head = Head(dtype=self.dtype)
+    def setup(self):
+        w = 16 * self.channels
+        self.d1, self.d2, self.d3, self.f = (self.mb(3, w) for _ in range(4))
+        self.up_a = Upsample(8 * self.channels, dtype=self.dtype)
+        self.up_b = Upsample(8 * self.channels, dtype=self.dtype)
+        self.head = Head(dtype=self.dtype)
 
-  def __call__(self, e4: jax.Array) -> jax.Array:
-    d1 = self.d1(max_pool(e4))
-    d2 = self.d2(d1) + d1
-    d3 = self.d3(d2) + d2
-    return self.f(d3)
+    def __call__(self, e4: jax.Array) -> jax.Array:
+        d1 = self.d1(max_pool(e4))
+        d2 = self.d2(d1) + d1
+        d3 = self.d3(d2) + d2
+        return self.f(d3)
 
 
 class Level6(_Level):
-  """H/16."""
+    """H/16."""
 
-  def setup(self):
-    w = 8 * self.channels
-    self.d3, self.d4, self.d5, self.d6, self.f = (self.mb(3, w) for _ in range(5))
-    self.up_a = Upsample(4 * self.channels, dtype=self.dtype)
-    self.up_b = Upsample(4 * self.channels, dtype=self.dtype)
-    self.head = Head(dtype=self.dtype)
+    def setup(self):
+        w = 8 * self.channels
+        self.d3, self.d4, self.d5, self.d6, self.f = (self.mb(3, w) for _ in range(5))
+        self.up_a = Upsample(4 * self.channels, dtype=self.dtype)
+        self.up_b = Upsample(4 * self.channels, dtype=self.dtype)
+        self.head = Head(dtype=self.dtype)
 
-  def __call__(self, e4: jax.Array, u7a: jax.Array, u7b: jax.Array) -> jax.Array:
-    d3 = self.d3(_cat(e4, u7a))
-    d4 = self.d4(d3) + d3
-    d5 = self.d5(d4) + d4
-    d6 = _cat(self.d6(d5), u7b)
-    return self.f(d6)
+    def __call__(self, e4: jax.Array, u7a: jax.Array, u7b: jax.Array) -> jax.Array:
+        d3 = self.d3(_cat(e4, u7a))
+        d4 = self.d4(d3) + d3
+        d5 = self.d5(d4) + d4
+        d6 = _cat(self.d6(d5), u7b)
+        return self.f(d6)
 
 
 class Level5(_Level):
-  """H/8: kernels up to 5."""
+    """H/8: kernels up to 5."""
 
-  def setup(self):
-    w = 4 * self.channels
-    self.d3, self.d4, self.d5, self.d6 = (self.mb(5, w) for _ in range(4))
-    self.f = self.mb(3, w)
-    self.up_a = Upsample(2 * self.channels, dtype=self.dtype)
-    self.up_b = Upsample(2 * self.channels, dtype=self.dtype)
-    self.head = Head(dtype=self.dtype)
+    def setup(self):
+        w = 4 * self.channels
+        self.d3, self.d4, self.d5, self.d6 = (self.mb(5, w) for _ in range(4))
+        self.f = self.mb(3, w)
+        self.up_a = Upsample(2 * self.channels, dtype=self.dtype)
+        self.up_b = Upsample(2 * self.channels, dtype=self.dtype)
+        self.head = Head(dtype=self.dtype)
 
-  def __call__(self, e3: jax.Array, u6a: jax.Array, u6b: jax.Array) -> jax.Array:
-    a = _cat(e3, u6a)
-    d3 = self.d3(a) + a
-    d4 = self.d4(d3) + d3
-    d5 = self.d5(d4) + d4
-    d7 = _cat(self.d6(d5), e3, u6b)
-    return self.f(d7)
+    def __call__(self, e3: jax.Array, u6a: jax.Array, u6b: jax.Array) -> jax.Array:
+        a = _cat(e3, u6a)
+        d3 = self.d3(a) + a
+        d4 = self.d4(d3) + d3
+        d5 = self.d5(d4) + d4
+        d7 = _cat(self.d6(d5), e3, u6b)
+        return self.f(d7)
 
 
 class Level4(_Level):
-  """H/4: kernels up to 7, e2 skipped in three times."""
+    """H/4: kernels up to 7, e2 skipped in three times."""
 
-  def setup(self):
-    w = 2 * self.channels
-    self.d3 = self.mb(5, w)
-    self.d4, self.d5, self.d6, self.d7 = (self.mb(7, w) for _ in range(4))
-    self.d8 = self.mb(5, w)
-    self.f = self.mb(3, w)
-    self.up_a = Upsample(self.channels, dtype=self.dtype)
-    self.up_b = Upsample(self.channels, dtype=self.dtype)
-    self.head = Head(dtype=self.dtype)
+    def setup(self):
+        w = 2 * self.channels
+        self.d3 = self.mb(5, w)
+        self.d4, self.d5, self.d6, self.d7 = (self.mb(7, w) for _ in range(4))
+        self.d8 = self.mb(5, w)
+        self.f = self.mb(3, w)
+        self.up_a = Upsample(self.channels, dtype=self.dtype)
+        self.up_b = Upsample(self.channels, dtype=self.dtype)
+        self.head = Head(dtype=self.dtype)
 
-  def __call__(self, e2: jax.Array, u5a: jax.Array, u5b: jax.Array) -> jax.Array:
-    d3 = _cat(self.d3(_cat(e2, u5a)), e2)
-    d4 = self.d4(d3) + d3
-    d5 = self.d5(d4) + d4
-    d6 = self.d6(d5) + d5
-    d7 = _cat(self.d7(d6), e2)
-    d8 = _cat(self.d8(d7), u5b)
-    return self.f(d8)
+    def __call__(self, e2: jax.Array, u5a: jax.Array, u5b: jax.Array) -> jax.Array:
+        d3 = _cat(self.d3(_cat(e2, u5a)), e2)
+        d4 = self.d4(d3) + d3
+        d5 = self.d5(d4) + d4
+        d6 = self.d6(d5) + d5
+        d7 = _cat(self.d7(d6), e2)
+        d8 = _cat(self.d8(d7), u5b)
+        return self.f(d8)
 
 
 class Level3(_Level):
-  """H/2: no instance norm anywhere, kernels up to 9, e1 skipped in four times."""
+    """H/2: no instance norm anywhere, kernels up to 9, e1 skipped in four times."""
 
-  def setup(self):
-    w = self.channels
-    mb = lambda k: self.mb(k, w, instance_norm=False)
-    self.d3, self.d4 = mb(5), mb(7)
-    self.d5, self.d6, self.d7, self.d8 = mb(9), mb(9), mb(9), mb(9)
-    self.d9, self.d10, self.f = mb(7), mb(5), mb(3)
-    self.head = Head(dtype=self.dtype)
+    def setup(self):
+        w = self.channels
+        mb = lambda k: self.mb(k, w, instance_norm=False)
+        self.d3, self.d4 = mb(5), mb(7)
+        self.d5, self.d6, self.d7, self.d8 = mb(9), mb(9), mb(9), mb(9)
+        self.d9, self.d10, self.f = mb(7), mb(5), mb(3)
+        self.head = Head(dtype=self.dtype)
 
-  def __call__(self, e1: jax.Array, u4a: jax.Array, u4b: jax.Array) -> jax.Array:
-    d3 = _cat(self.d3(_cat(e1, u4a)), e1)
-    d4 = self.d4(d3)
-    d5 = self.d5(d4)
-    d6 = self.d6(d5) + d5
-    d7 = self.d7(d6) + d6
-    d8 = self.d8(d7) + d7
-    d9 = _cat(self.d9(d8), e1)
-    d11 = _cat(self.d10(d9), u4b, e1)
-    return self.f(d11)
+    def __call__(self, e1: jax.Array, u4a: jax.Array, u4b: jax.Array) -> jax.Array:
+        d3 = _cat(self.d3(_cat(e1, u4a)), e1)
+        d4 = self.d4(d3)
+        d5 = self.d5(d4)
+        d6 = self.d6(d5) + d5
+        d7 = self.d7(d6) + d6
+        d8 = self.d8(d7) + d7
+        d9 = _cat(self.d9(d8), e1)
+        d11 = _cat(self.d10(d9), u4b, e1)
+        return self.f(d11)
 
 
 class Level2(nn.Module):
-  """H: up(8) then a 3x3 conv to RGB logits z2 (no activation); output 2 = tanh(z2)*0.58+0.5."""
-  dtype: Any = jnp.float32
+    """H: up(8) then a 3x3 conv to RGB logits z2 (no activation); output 2 = tanh(z2)*0.58+0.5."""
 
-  def setup(self):
-    self.up = Upsample(LEVEL2_WIDTH, dtype=self.dtype)
-    self.logits = Head(dtype=self.dtype)
+    dtype: Any = jnp.float32
 
-  def __call__(self, f3: jax.Array) -> jax.Array:
-    return self.logits(self.up(f3))
+    def setup(self):
+        self.up = Upsample(LEVEL2_WIDTH, dtype=self.dtype)
+        self.logits = Head(dtype=self.dtype)
+
+    def __call__(self, f3: jax.Array) -> jax.Array:
+        return self.logits(self.up(f3))
 
 
 class Level1(nn.Module):
-  """2H: up(3) of level 2's pre-tanh logits, then the image head."""
-  dtype: Any = jnp.float32
+    """2H: up(3) of level 2's pre-tanh logits, then the image head."""
 
-  def setup(self):
-    self.up = Upsample(3, dtype=self.dtype)
-    self.head = Head(dtype=self.dtype)
+    dtype: Any = jnp.float32
 
-  def __call__(self, z2: jax.Array) -> jax.Array:
-    return image_head(self.head(self.up(z2))).astype(jnp.float32)
+    def setup(self):
+        self.up = Upsample(3, dtype=self.dtype)
+        self.head = Head(dtype=self.dtype)
+
+    def __call__(self, z2: jax.Array) -> jax.Array:
+        return image_head(self.head(self.up(z2))).astype(jnp.float32)
 
 
 class PyNET(nn.Module):
-  """The multi-scale PyNET bokeh model.
+    """The multi-scale PyNET bokeh model.
 
-  Attributes:
-    channels: base width (32 in the paper); level widths are multiples of it.
-    dtype: computation dtype (parameters stay float32).
+    Attributes:
+      channels: base width (32 in the paper); level widths are multiples of it.
+      dtype: computation dtype (parameters stay float32).
 
-  Call with x float32 [N, H, W, C] in [0, 1], C = 4 (RGB + depth, the paper) or 3 (RGB only), H and
-  W multiples of 32, and `level` k in 1..7. Returns {level: image} for every level from 7 down to
-  k; image j is float32 [N, H*s, W*s, 3] with s = level_output_scale(j), range about -0.08..1.08.
-  Nothing finer than level k is computed. `init` always creates all parameters (every level and
-  side head), whatever `level` it is called with.
-  """
-  channels: int = 32
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    kw = dict(channels=self.channels, dtype=self.dtype)
-    self.encoder = Encoder(**kw)
-    self.level7, self.level6, self.level5 = Level7(**kw), Level6(**kw), Level5(**kw)
-    self.level4, self.level3 = Level4(**kw), Level3(**kw)
-    self.level2, self.level1 = Level2(dtype=self.dtype), Level1(dtype=self.dtype)
-
-  def __call__(self, x: jax.Array, level: int = 1) -> dict[int, jax.Array]:
-    if level not in LEVELS:
-      raise ValueError(f'level must be one of {LEVELS}, got {level!r}')
-    if self.is_initializing():
-      level = 1  # the full tree, side heads included, whatever level was asked for
-    outputs, skips = self.coarse(x, stop_at=level)
-    if level <= 3:
-      outputs.update(self.fine(*skips, stop_at=level))
-    return outputs
-
-  def coarse(self, x: jax.Array, stop_at: int = 4
-             ) -> tuple[dict[int, jax.Array], tuple[jax.Array, ...]]:
-    """Encoder and the instance-norm levels 7..max(stop_at, 4), which need the whole image.
-
-    Returns ({level: image}, (e1, u4a, u4b)); the second item, the input of the fine levels, is
-    only computed when stop_at <= 3 (else empty).
+    Call with x float32 [N, H, W, C] in [0, 1], C = 4 (RGB + depth, the paper) or 3 (RGB only), H and
+    W multiples of 32, and `level` k in 1..7. Returns {level: image} for every level from 7 down to
+    k; image j is float32 [N, H*s, W*s, 3] with s = level_output_scale(j), range about -0.08..1.08.
+    Nothing finer than level k is computed. `init` always creates all parameters (every level and
+    side head), whatever `level` it is called with.
     """
-    check_input(x)
-    e1, e2, e3, e4 = self.encoder(x.astype(self.dtype))
-    outputs = {}
-    f = self.level7(e4)
-    outputs[7] = self.level7.image(f)
-    for lvl, module, skip in ((6, self.level6, e4), (5, self.level5, e3), (4, self.level4, e2)):
-      if stop_at > lvl:
-        return outputs, ()
-      f = module(skip, *getattr(self, f'level{lvl + 1}').ups(f))
-      outputs[lvl] = module.image(f)
-    if stop_at > 3:
-      return outputs, ()
-    return outputs, (e1, *self.level4.ups(f))
 
-  def fine(self, e1: jax.Array, u4a: jax.Array, u4b: jax.Array, stop_at: int = 1
-           ) -> dict[int, jax.Array]:
-    """Levels 3..stop_at from level 3's inputs; no instance norm, so it can run on tiles."""
-    f3 = self.level3(e1, u4a, u4b)
-    outputs = {3: self.level3.image(f3)}
-    if stop_at <= 2:
-      z2 = self.level2(f3)
-      outputs[2] = image_head(z2).astype(jnp.float32)
-      if stop_at == 1:
-        outputs[1] = self.level1(z2)
-    return outputs
+    channels: int = 32
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        kw = dict(channels=self.channels, dtype=self.dtype)
+        self.encoder = Encoder(**kw)
+        self.level7, self.level6, self.level5 = Level7(**kw), Level6(**kw), Level5(**kw)
+        self.level4, self.level3 = Level4(**kw), Level3(**kw)
+        self.level2, self.level1 = Level2(dtype=self.dtype), Level1(dtype=self.dtype)
+
+    def __call__(self, x: jax.Array, level: int = 1) -> dict[int, jax.Array]:
+        if level not in LEVELS:
+            raise ValueError(f'level must be one of {LEVELS}, got {level!r}')
+        if self.is_initializing():
+            level = 1  # the full tree, side heads included, whatever level was asked for
+        outputs, skips = self.coarse(x, stop_at=level)
+        if level <= 3:
+            outputs.update(self.fine(*skips, stop_at=level))
+        return outputs
+
+    def coarse(
+        self, x: jax.Array, stop_at: int = 4
+    ) -> tuple[dict[int, jax.Array], tuple[jax.Array, ...]]:
+        """Encoder and the instance-norm levels 7..max(stop_at, 4), which need the whole image.
+
+        Returns ({level: image}, (e1, u4a, u4b)); the second item, the input of the fine levels, is
+        only computed when stop_at <= 3 (else empty).
+        """
+        check_input(x)
+        e1, e2, e3, e4 = self.encoder(x.astype(self.dtype))
+        outputs = {}
+        f = self.level7(e4)
+        outputs[7] = self.level7.image(f)
+        for lvl, module, skip in ((6, self.level6, e4), (5, self.level5, e3), (4, self.level4, e2)):
+            if stop_at > lvl:
+                return outputs, ()
+            f = module(skip, *getattr(self, f'level{lvl + 1}').ups(f))
+            outputs[lvl] = module.image(f)
+        if stop_at > 3:
+            return outputs, ()
+        return outputs, (e1, *self.level4.ups(f))
+
+    def fine(
+        self, e1: jax.Array, u4a: jax.Array, u4b: jax.Array, stop_at: int = 1
+    ) -> dict[int, jax.Array]:
+        """Levels 3..stop_at from level 3's inputs; no instance norm, so it can run on tiles."""
+        f3 = self.level3(e1, u4a, u4b)
+        outputs = {3: self.level3.image(f3)}
+        if stop_at <= 2:
+            z2 = self.level2(f3)
+            outputs[2] = image_head(z2).astype(jnp.float32)
+            if stop_at == 1:
+                outputs[1] = self.level1(z2)
+        return outputs
 
 
 def check_input(x: Any) -> None:
-  """Raises ValueError unless x is [N, H, W, 3 or 4] with H, W multiples of 32."""
-  shape = tuple(getattr(x, 'shape', ()))
-  if len(shape) != 4:
-    raise ValueError(f'PyNET input must be [N, H, W, C]; got shape {shape}')
-  _, h, w, ch = shape
-  if ch not in (3, 4):
-    raise ValueError(f'PyNET input must have 4 channels (RGB + depth) or 3 (RGB only); '
-                     f'got {ch} channels in shape {shape}')
-  if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE or h == 0 or w == 0:
-    raise ValueError(f'PyNET input height and width must be positive multiples of {SIZE_MULTIPLE}; '
-                     f'got {h} x {w} (pad or crop the input, e.g. with the render mode)')
+    """Raises ValueError unless x is [N, H, W, 3 or 4] with H, W multiples of 32."""
+    shape = tuple(getattr(x, 'shape', ()))
+    if len(shape) != 4:
+        raise ValueError(f'PyNET input must be [N, H, W, C]; got shape {shape}')
+    _, h, w, ch = shape
+    if ch not in (3, 4):
+        raise ValueError(
+            f'PyNET input must have 4 channels (RGB + depth) or 3 (RGB only); '
+            f'got {ch} channels in shape {shape}'
+        )
+    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE or h == 0 or w == 0:
+        raise ValueError(
+            f'PyNET input height and width must be positive multiples of {SIZE_MULTIPLE}; '
+            f'got {h} x {w} (pad or crop the input, e.g. with the render mode)'
+        )
 
 
 def on_output_path(path: Sequence[str], level: int) -> bool:
-  """Whether the parameter at `path` (e.g. ('level6', 'd3', 'k3a', 'conv', 'kernel')) feeds output `level`.
+    """Whether the parameter at `path` (e.g. ('level6', 'd3', 'k3a', 'conv', 'kernel')) feeds output `level`.
 
-  That is the encoder, every coarser level except its side `head`, and `level` itself except the
-  transposed convs towards finer levels: the subset the paper trains at each level (and the
-  "path to output k" counts of SPEC).
-  """
-  group = path[0]
-  if group == 'encoder':
-    return True
-  group_level = int(group.removeprefix('level'))
-  if group_level > level:
-    return path[1] != 'head'
-  return group_level == level and path[1] not in ('up_a', 'up_b')
+    That is the encoder, every coarser level except its side `head`, and `level` itself except the
+    transposed convs towards finer levels: the subset the paper trains at each level (and the
+    "path to output k" counts of SPEC).
+    """
+    group = path[0]
+    if group == 'encoder':
+        return True
+    group_level = int(group.removeprefix('level'))
+    if group_level > level:
+        return path[1] != 'head'
+    return group_level == level and path[1] not in ('up_a', 'up_b')
 
 
-def init_params(model: PyNET, rng: jax.Array, input_channels: int = 4,
-                size: Sequence[int] = (32, 32)) -> Any:
-  """All parameters of `model` (every level and side head): float32 numpy arrays.
+def init_params(
+    model: PyNET, rng: jax.Array, input_channels: int = 4, size: Sequence[int] = (32, 32)
+) -> Any:
+    """All parameters of `model` (every level and side head): float32 numpy arrays.
 
-  Kernels ~ N(0, 1/fan_in) (fan_in = k*k*input channels of the layer), biases 0, instance-norm
-  scale 1 and shift 0. The shapes come from `model.init` traced abstractly; the values are drawn
-  with numpy from `rng`, because compiling Flax's per-parameter threefry init for 440 tensors takes
-  tens of seconds on CPU, far longer than the forward pass itself.
-  """
-  x = jax.ShapeDtypeStruct((1, *size, input_channels), jnp.float32)
-  shapes = jax.eval_shape(lambda r, x: model.init(r, x, level=1)['params'], rng, x)
-  seed = np.asarray(jax.random.key_data(rng)).ravel().tolist()
-  generator = np.random.default_rng(seed)
+    Kernels ~ N(0, 1/fan_in) (fan_in = k*k*input channels of the layer), biases 0, instance-norm
+    scale 1 and shift 0. The shapes come from `model.init` traced abstractly; the values are drawn
+    with numpy from `rng`, because compiling Flax's per-parameter threefry init for 440 tensors takes
+    tens of seconds on CPU, far longer than the forward pass itself.
+    """
+    x = jax.ShapeDtypeStruct((1, *size, input_channels), jnp.float32)
+    shapes = jax.eval_shape(lambda r, x: model.init(r, x, level=1)['params'], rng, x)
+    seed = np.asarray(jax.random.key_data(rng)).ravel().tolist()
+    generator = np.random.default_rng(seed)
 
-  def draw(path, leaf):
-    names = [k.key for k in path]
-    if names[-1] == 'kernel':
-      # Conv [k, k, in, out]; transposed conv [3, 3, out, in] (TF layout): fan_in is k*k*in.
-      fan_in = np.prod(leaf.shape[:2]) * leaf.shape[3 if names[-3].startswith('up') else 2]
-      return (generator.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
-    if names[-1] == 'scale':
-      return np.ones(leaf.shape, np.float32)
-    return np.zeros(leaf.shape, np.float32)
+    def draw(path, leaf):
+        names = [k.key for k in path]
+        if names[-1] == 'kernel':
+            # Conv [k, k, in, out]; transposed conv [3, 3, out, in] (TF layout): fan_in is k*k*in.
+            fan_in = np.prod(leaf.shape[:2]) * leaf.shape[3 if names[-3].startswith('up') else 2]
+            return (generator.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+        if names[-1] == 'scale':
+            return np.ones(leaf.shape, np.float32)
+        return np.zeros(leaf.shape, np.float32)
 
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def param_shapes(channels: int = 32, input_channels: int = 4) -> Any:
-  """Parameter shapes (jax.ShapeDtypeStruct tree) without materializing any weights."""
-  x = jax.ShapeDtypeStruct((1, 32, 32, input_channels), jnp.float32)
-  return jax.eval_shape(lambda r, x: PyNET(channels).init(r, x, level=1)['params'],
-                        jax.random.key(0), x)
+    """Parameter shapes (jax.ShapeDtypeStruct tree) without materializing any weights."""
+    x = jax.ShapeDtypeStruct((1, 32, 32, input_channels), jnp.float32)
+    return jax.eval_shape(
+        lambda r, x: PyNET(channels).init(r, x, level=1)['params'], jax.random.key(0), x
+    )
