@@ -1,0 +1,452 @@
+"""Input pipeline: the prepared TFDS dataset (array_record) read with grain, without TensorFlow.
+
+Reading goes through `tfds.builder_from_directory(...).as_data_source(split)` (random access to
+the array_record files, examples parsed by TFDS's numpy parser) and grain (`MapDataset`, worker
+processes via `mp_prefetch`); images are decoded with PIL. Nothing here imports TensorFlow, so
+training runs on accelerator images without it.
+
+Training batches follow the paper's sampling (SPEC "Training recipe"): a random crop_size x
+crop_size crop of the half-resolution input (photo downscaled x0.5 by image_ops.resize, stacked
+with the depth map, / 255), the matching 2c x 2c crop of the full-resolution bokeh photo resized
+to the level's output size (image_ops.level_output_size), and one joint rot90 / vertical flip.
+
+Determinism: example j of the global batch at step s is record `perm_e[(s * B + j) mod N]`, with
+the epoch permutation perm_e and the crop/augmentation drawn from seeded generators keyed by
+(config.seed, level, ...). It depends neither on process_count nor on num_workers, so a resumed
+run (start_step = s) sees exactly the batches of an uninterrupted one, and process p of P simply
+takes rows [p * B / P, (p + 1) * B / P) of the same global batch.
+"""
+
+from collections.abc import Iterator, Sequence
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import io
+import pathlib
+import time
+from typing import Any
+
+from absl import flags
+from absl import logging
+from etils import epath
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from bokeh_jax import image_ops
+import tfds_ebb  # registers the `ebb` and `synthetic_bokeh` builders
+
+FILE_FORMAT = 'array_record'  # the random-access format grain reads
+_IMAGE_KEYS = ('sharp', 'bokeh', 'depth')
+_SYNTHETIC_FIELDS = ('num_train', 'num_validation', 'height', 'width', 'seed')
+# Elements of the (unbounded) training sequence that a MapDataset may address.
+_MAX_TRAIN_STEPS = 2**31
+
+
+# ----------------------------------------------------------------------------- dataset on disk
+
+def _builder_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Builder arguments (besides config, data_dir, file_format) from `config.data`."""
+    data = config.data
+    if data.name == 'synthetic_bokeh':
+        return {field: int(data.synthetic[field]) for field in _SYNTHETIC_FIELDS}
+    if data.name == 'ebb':
+        return {'depth_dir': data.depth_dir, 'skip_bad': bool(data.skip_bad)}
+    raise ValueError(f"config.data.name must be 'ebb' or 'synthetic_bokeh', got {data.name!r}")
+
+
+def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The TFDS builder that `config.data` describes (nothing is built)."""
+    return tfds.builder(config.data.name, config=config.data.builder_config,
+                        data_dir=config.data.data_dir or None, file_format=FILE_FORMAT,
+                        **_builder_kwargs(config))
+
+
+def prepare_dataset(config: ml_collections.ConfigDict) -> None:
+    """Builds the configured dataset into config.data.data_dir (array_record) unless present.
+
+    `synthetic_bokeh` is generated on the spot; if the copy on disk was generated with other
+    `config.data.synthetic` settings, it is regenerated (it is a pure function of them). `ebb`
+    needs the download in `config.data.manual_dir`. Processes that call this at the same time
+    on one machine (or a shared file system with POSIX locks) build once: the others wait on a
+    lock file next to the dataset and then find it prepared.
+    """
+    with _build_lock(dataset_builder(config).data_path):
+        builder = dataset_builder(config)  # what is on disk now that we hold the lock
+        if builder.is_prepared():
+            _check_prepared(config, builder)
+            if not (config.data.name == 'synthetic_bokeh' and _synthetic_differs(builder)):
+                return
+            logging.warning('%s was generated with other settings than config.data.synthetic = '
+                            '%s; regenerating it', builder.data_dir, builder.generation.metadata())
+            builder.data_path.rmtree()
+            builder = dataset_builder(config)
+        download_config = None
+        if config.data.name == 'ebb':
+            if not config.data.manual_dir:
+                raise ValueError(
+                    'config.data.manual_dir is empty: EBB! must be downloaded by hand and the '
+                    'field set to its folder.\n\n'
+                    + tfds_ebb.ebb_dataset_builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
+            download_config = tfds.download.DownloadConfig(manual_dir=config.data.manual_dir)
+        logging.info('Building %s/%s into %s', config.data.name, config.data.builder_config,
+                     builder.data_dir)
+        builder.download_and_prepare(file_format=FILE_FORMAT, download_config=download_config)
+
+
+@contextlib.contextmanager
+def _build_lock(data_path: epath.Path) -> Iterator[None]:
+    """An exclusive lock on `<data_path>.lock` (local and mounted paths; none for gs:// etc.)."""
+    if '://' in str(data_path):
+        yield
+        return
+    lock = pathlib.Path(f'{data_path}.lock')
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, 'a') as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_prepared(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:
+    formats = [str(getattr(f, 'value', f)) for f in builder.info.available_file_formats()]
+    if FILE_FORMAT not in formats:
+        raise ValueError(
+            f'{builder.data_dir} holds {config.data.name} in {formats}, but the input pipeline '
+            f'reads {FILE_FORMAT}: rebuild it with file_format={FILE_FORMAT!r} or point '
+            'config.data.data_dir elsewhere')
+
+
+def _synthetic_differs(builder: tfds.core.DatasetBuilder) -> bool:
+    """Whether synthetic_bokeh on disk was generated with other settings than requested."""
+    wanted = builder.generation.metadata()
+    return {k: builder.info.metadata.get(k) for k in wanted} != wanted
+
+
+class _Source:
+    """Random access to one split, opened lazily so that it pickles small (each grain worker
+    process opens its own)."""
+
+    def __init__(self, data_dir: str, split: str):
+        self.data_dir, self.split = data_dir, split
+        self._records = None
+
+    def __getstate__(self) -> dict[str, str]:
+        return {'data_dir': self.data_dir, 'split': self.split}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(**state)
+
+    @property
+    def records(self) -> Sequence[dict[str, Any]]:
+        if self._records is None:
+            builder = tfds.builder_from_directory(self.data_dir)
+            decoders = {k: tfds.decode.SkipDecoding()
+                        for k in _IMAGE_KEYS if k in builder.info.features}
+            self._records = builder.as_data_source(self.split, decoders=decoders)
+        return self._records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.records[index]
+
+
+def _source(config: ml_collections.ConfigDict, split: str) -> _Source:
+    builder = dataset_builder(config)
+    if not builder.is_prepared():
+        raise FileNotFoundError(f'{config.data.name}/{config.data.builder_config} is not prepared '
+                                f'in {builder.data_dir}; run input_pipeline.prepare_dataset first')
+    if config.data.name == 'synthetic_bokeh' and _synthetic_differs(builder):
+        raise ValueError(f'{builder.data_dir} was generated with other settings than '
+                         'config.data.synthetic; run input_pipeline.prepare_dataset first')
+    if split not in builder.info.splits:
+        raise ValueError(f'split {split!r} not in {config.data.name} '
+                         f'(has {sorted(builder.info.splits)})')
+    return _Source(str(builder.data_dir), split)
+
+
+def _decode(data: bytes, what: str) -> np.ndarray:
+    """JPEG/PNG bytes of image `what` -> uint8 [H, W, 3] or [H, W]."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image)
+    except OSError as e:
+        raise ValueError(f'cannot decode {what}: {e}') from e
+
+
+# ----------------------------------------------------------------------------- training
+
+def _check_seed(seed: int) -> int:
+    if seed < 0:
+        raise ValueError(f'config.seed must be >= 0, got {seed}')
+    return int(seed)
+
+
+class _TrainExample:
+    """Global example index -> one (input, target) training pair; see the module docstring."""
+
+    def __init__(self, source: _Source, seed: int, level: int, crop: int, with_depth: bool):
+        self.source, self.seed, self.level = source, seed, level
+        self.crop, self.with_depth = crop, with_depth
+        self._cached = (-1, None)  # (epoch, permutation); one tuple so threads see a pair
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of the records in `epoch` (cached: consecutive indices share an epoch)."""
+        cached_epoch, order = self._cached
+        if cached_epoch != epoch:
+            rng = np.random.default_rng([self.seed, self.level, 0, epoch])
+            order = rng.permutation(len(self.source))
+            self._cached = (epoch, order)
+        return order
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        epoch, position = divmod(int(index), len(self.source))
+        record = self.source[int(self.permutation(epoch)[position])]
+        rng = np.random.default_rng([self.seed, self.level, 1, int(index)])
+        return crop_example(record, rng, self.crop, self.level, self.with_depth)
+
+
+def crop_example(record: dict[str, Any], rng: np.random.Generator, crop: int, level: int,
+                 with_depth: bool) -> dict[str, np.ndarray]:
+    """One training pair from a record (raw image bytes), with crops and augmentation from rng.
+
+    Returns:
+      input: float32 [crop, crop, 4 or 3] in [0, 1], the half-resolution photo crop (+ depth).
+      target: float32 [s, s, 3] in [0, 1], s = level_output_size(crop, level).
+    """
+    name = record['id'].decode() if isinstance(record['id'], bytes) else str(record['id'])
+    photo = _decode(record['sharp'], name)
+    bokeh = _decode(record['bokeh'], name)
+    height, width = photo.shape[:2]
+    half = image_ops.half_size(height, width)
+    if min(half) < crop:
+        raise ValueError(f'image {name!r} is {height}x{width}: too small for config.data.crop_size'
+                         f'={crop} (needs at least {2 * crop}x{2 * crop})')
+    top = int(rng.integers(0, half[0] - crop + 1))
+    left = int(rng.integers(0, half[1] - crop + 1))
+    # Only the crop's footprint (plus the kernel margin) of the photo is resized.
+    rgb = image_ops.resize_region(photo, half, (top, left, crop, crop))
+    channels = [np.clip(rgb * np.float32(1 / 255), 0, 1)]
+    if with_depth:
+        depth = image_ops.depth_channel(_decode(record['depth'], name), (height, width))
+        channels.append(depth[top:top + crop, left:left + crop])
+    target = bokeh[2 * top:2 * top + 2 * crop, 2 * left:2 * left + 2 * crop]
+    size = image_ops.level_output_size(crop, level)
+    target = np.clip(image_ops.resize(target, (size, size)) * np.float32(1 / 255), 0, 1)
+    model_input = np.concatenate(channels, axis=-1)
+    # Joint augmentation: rot90 by k quarter turns, then an optional vertical flip.
+    turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+    model_input, target = np.rot90(model_input, turns), np.rot90(target, turns)
+    if flip:
+        model_input, target = model_input[::-1], target[::-1]
+    return {'input': np.ascontiguousarray(model_input, np.float32),
+            'target': np.ascontiguousarray(target, np.float32)}
+
+
+def _per_device(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:
+    """[D * b, ...] -> [D, b, ...] for every entry."""
+    return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
+def _local_batch_size(batch_size: int, num_local_devices: int, process_count: int,
+                      field: str) -> int:
+    if num_local_devices < 1 or process_count < 1:
+        raise ValueError(f'num_local_devices={num_local_devices} and process_count='
+                         f'{process_count} must be >= 1')
+    if batch_size <= 0 or batch_size % (num_local_devices * process_count):
+        raise ValueError(f'{field}={batch_size} must be a positive multiple of process_count x '
+                         f'num_local_devices = {process_count} x {num_local_devices}')
+    return batch_size // process_count
+
+
+def _finish(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.DatasetIterator:
+    """Iterates `dataset` with prefetching threads, in worker processes if configured."""
+    prefetch = max(int(config.data.prefetch), 1)
+    iter_dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
+    if config.data.num_workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # Grain reads its absl flags when starting workers, which fails outside absl.app
+            # (google/grain#1355); their defaults are what we want.
+            flags.FLAGS.mark_as_parsed()
+        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(config.data.num_workers), per_worker_buffer_size=prefetch))
+    return iter(iter_dataset)
+
+
+def train_iterator(config: ml_collections.ConfigDict, level: int, start_step: int, *,
+                   batch_size: int, num_local_devices: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches of `level` from step `start_step` on, for this process.
+
+    Args:
+      config: the experiment config (uses config.seed and config.data).
+      level: paper level 1..7 (sets the target size).
+      start_step: global step of the first batch (resume from a checkpoint by passing its step).
+      batch_size: the GLOBAL batch size (all devices of all processes).
+      num_local_devices, process_index, process_count: this process's share.
+
+    Yields:
+      {'input': float32 [D, b, c, c, C], 'target': float32 [D, b, s, s, 3]} in [0, 1], with
+      D = num_local_devices, b = batch_size / process_count / D, c = config.data.crop_size,
+      s = level_output_size(c, level), C = 4 (rgbd) or 3 (rgb). The returned grain iterator
+      has close(), which stops its worker processes.
+    """
+    local = _local_batch_size(batch_size, num_local_devices, process_count,
+                              f'batch_size (config.train.level{level}.batch_size)')
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+    if start_step < 0:
+        raise ValueError(f'start_step must be >= 0, got {start_step}')
+    crop = int(config.data.crop_size)
+    image_ops.level_output_size(crop, level)  # validates crop and level
+    make = _TrainExample(_source(config, config.data.train_split), _check_seed(config.seed),
+                         level, crop, config.data.builder_config == 'rgbd')
+
+    def global_index(i: int) -> int:
+        step, row = divmod(i, local)
+        return (start_step + step) * batch_size + process_index * local + row
+
+    dataset = (grain.MapDataset.range(_MAX_TRAIN_STEPS * local)
+               .map(global_index).map(make).batch(local)
+               .map(functools.partial(_per_device, num_devices=num_local_devices)))
+    return _finish(dataset, config)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExample:
+    """Index into this process's share -> one whole image padded to `padded` (or a dummy)."""
+    source: _Source
+    first: int  # global index of this process's first image
+    count: int  # images of this process
+    padded: tuple[int, int]  # input height, width (multiples of 32)
+    channels: int
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        h, w = self.padded
+        if index >= self.count:
+            return {'input': np.zeros((h, w, self.channels), np.float32),
+                    'target': np.zeros((2 * h, 2 * w, 3), np.float32), 'id': np.str_(''),
+                    'height': np.int32(0), 'width': np.int32(0), 'valid': np.bool_(False)}
+        record = self.source[self.first + index]
+        name = record['id'].decode()
+        photo = _decode(record['sharp'], name)
+        depth = _decode(record['depth'], name) if self.channels == 4 else None
+        model_input = image_ops.make_model_input(photo, depth)
+        ih, iw = model_input.shape[:2]
+        target = image_ops.to_float(_decode(record['bokeh'], name)[:2 * ih, :2 * iw])
+        return {'input': image_ops.pad_to_shape(model_input, h, w),
+                'target': image_ops.pad_to_shape(target, 2 * h, 2 * w),
+                'id': np.str_(name), 'height': np.int32(photo.shape[0]),
+                'width': np.int32(photo.shape[1]), 'valid': np.bool_(True)}
+
+
+def _padded_input_size(source: _Source, count: int) -> tuple[int, int]:
+    """Largest half-resolution size of the first `count` images, rounded up to a multiple of 32.
+
+    Every batch of every process gets this one shape, so that all processes run the same
+    compiled step (and compile it once).
+    """
+    height = width = 0
+    for index in range(count):
+        with Image.open(io.BytesIO(source[index]['sharp'])) as image:  # reads the header only
+            h, w = image_ops.half_size(image.height, image.width)
+        height, width = max(height, h), max(width, w)
+    return image_ops.round_up(height), image_ops.round_up(width)
+
+
+def eval_iterator(config: ml_collections.ConfigDict, split: str, *, num_local_devices: int,
+                  process_index: int = 0, process_count: int = 1
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """Whole images of `split` in stored (id) order, one per local device per batch.
+
+    Process p gets the contiguous share [p * n, (p + 1) * n) with n = ceil(N / process_count);
+    the last batches are filled with entries whose `valid` is False, so that every process
+    yields the same number of batches. config.eval.max_images > 0 evaluates only that many.
+
+    Yields:
+      input: float32 [D, 1, H, W, C] in [0, 1], reflect-padded to the split's largest size
+        rounded up to a multiple of 32; target: float32 [D, 1, 2H, 2W, 3], padded likewise;
+      id: str [D, 1]; height, width: int32 [D, 1], the photo's full-resolution size;
+      valid: bool [D, 1].
+    """
+    _local_batch_size(num_local_devices * process_count, num_local_devices, process_count,
+                      'eval batch')
+    source = _source(config, split)
+    total = len(source)
+    max_images = int(config.eval.get('max_images', 0)) if 'eval' in config else 0
+    if max_images > 0:
+        total = min(total, max_images)
+    share = -(-total // process_count)
+    first = min(process_index * share, total)
+    count = min(share, total - first)
+    steps = -(-share // num_local_devices)
+    make = _EvalExample(source, first, count, _padded_input_size(source, total),
+                        4 if config.data.builder_config == 'rgbd' else 3)
+    dataset = (grain.MapDataset.range(steps * num_local_devices).map(make)
+               .batch(num_local_devices)
+               .map(lambda batch: {k: v[:, None] for k, v in batch.items()}))
+    return _finish(dataset, config)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def benchmark_pipeline(config: ml_collections.ConfigDict, level: int, num_batches: int
+                       ) -> dict[str, float]:
+    """Times the training pipeline of `level` on this machine (one process, one device).
+
+    Uses the level's batch size (config.train.level{k}.batch_size) and config.data as is;
+    prepares the dataset first if needed. Returns examples/s and batches/s after one warm-up
+    batch (which includes starting the workers).
+    """
+    prepare_dataset(config)
+    batch_size = int(config.train[f'level{level}'].batch_size)
+    iterator = train_iterator(config, level, 0, batch_size=batch_size, num_local_devices=1)
+    try:
+        next(iterator)
+        start = time.perf_counter()
+        for _ in range(num_batches):
+            next(iterator)
+        seconds = time.perf_counter() - start
+    finally:
+        iterator.close()
+    return {'level': level, 'batch_size': batch_size, 'crop_size': int(config.data.crop_size),
+            'num_workers': int(config.data.num_workers), 'batches': num_batches,
+            'seconds': seconds, 'batches_per_sec': num_batches / seconds,
+            'examples_per_sec': num_batches * batch_size / seconds}
+
+
+def main() -> None:
+    """`python -m bokeh_jax.input_pipeline --config=configs/default.py:tiny --levels=1,3`."""
+    from absl import app
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
+    levels = flags.DEFINE_string('levels', '1,3', 'Comma-separated paper levels to benchmark.')
+    num_batches = flags.DEFINE_integer('num_batches', 20, 'Timed batches per level.')
+    flags.mark_flags_as_required(['config'])
+
+    def run(argv: Sequence[str]) -> None:
+        del argv
+        for level in (int(v) for v in levels.value.split(',')):
+            result = benchmark_pipeline(config.value, level, num_batches.value)
+            print(f"level {level}: {result['examples_per_sec']:.1f} examples/s "
+                  f"({result['batches_per_sec']:.2f} batches/s of {result['batch_size']}, crop "
+                  f"{result['crop_size']}, {result['num_workers']} workers)", flush=True)
+
+    app.run(run)
+
+
+if __name__ == '__main__':
+    # Through the package, so that grain workers unpickle this module's classes by name.
+    from bokeh_jax import input_pipeline
+    input_pipeline.main()

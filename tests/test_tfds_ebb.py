@@ -1,0 +1,309 @@
+"""Tests of the TFDS builders in tfds_ebb/: real builds of generated folders, every bad input."""
+
+import io
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+import tfds_ebb
+from tfds_ebb.ebb import ebb_dataset_builder as ebb
+from tfds_ebb.synthetic_bokeh import synthetic_bokeh_dataset_builder as synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PHOTO_HW = (64, 96)
+TRAIN_IDS = ('0', '1', '2', '4400', '4401')  # 3 in `train`, 2 in `val294`
+
+
+# ----------------------------------------------------------------------------- folder fixtures
+
+def jpeg_bytes(seed: int, hw=PHOTO_HW, mode: str = 'RGB') -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, hw + ((3,) if mode == 'RGB' else ()), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, 'JPEG', quality=90)
+    return buffer.getvalue()
+
+
+def png_bytes(seed: int, hw, mode: str = 'L') -> bytes:
+    rng = np.random.default_rng(seed)
+    if mode == 'I;16':
+        image = Image.fromarray(rng.integers(0, 65535, hw, dtype=np.uint16))
+    else:
+        image = Image.fromarray(rng.integers(0, 256, hw, dtype=np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, 'PNG')
+    return buffer.getvalue()
+
+
+def write_pairs(root: pathlib.Path, ids, seed: int = 0, depth: bool = True) -> None:
+    """root/{original,bokeh,original_depth}/<id>.jpg|png with random content."""
+    for sub in ('original', 'bokeh') + (('original_depth',) if depth else ()):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i, stem in enumerate(ids):
+        (root / 'original' / f'{stem}.jpg').write_bytes(jpeg_bytes(seed + 3 * i))
+        (root / 'bokeh' / f'{stem}.jpg').write_bytes(jpeg_bytes(seed + 3 * i + 1))
+        if depth:
+            half = (PHOTO_HW[0] // 2, PHOTO_HW[1] // 2)
+            (root / 'original_depth' / f'{stem}.png').write_bytes(png_bytes(seed + 3 * i + 2, half))
+
+
+def make_ebb_folder(root: pathlib.Path, layout: str, depth: bool = True) -> pathlib.Path:
+    """An EBB! download in the AIM 2020 layout ('aim') or the original code's ('pynet')."""
+    if layout == 'aim':
+        write_pairs(root / 'Training', TRAIN_IDS, depth=depth)
+    else:
+        write_pairs(root / 'train', TRAIN_IDS, depth=depth)
+        write_pairs(root / 'test', ('a', 'b'), seed=100, depth=depth)
+    return root
+
+
+def build_ebb(manual_dir, data_dir, config='rgbd', file_format='array_record', **kwargs):
+    builder = tfds.builder('ebb', config=config, data_dir=str(data_dir), file_format=file_format,
+                           **kwargs)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    return builder
+
+
+def read_split(builder, split):
+    """{id: example} with raw image bytes, through the format's own reader (array_record: the
+    TF-free data source; tfrecord: tf.data). Raw bytes, because TF and PIL decode the same JPEG
+    differently (by a few levels)."""
+    decoders = {k: tfds.decode.SkipDecoding() for k in ('sharp', 'bokeh', 'depth')
+                if k in builder.info.features}
+    if builder.info.file_format.value == 'array_record':
+        examples = list(builder.as_data_source(split, decoders=decoders))
+    else:
+        examples = list(tfds.as_numpy(builder.as_dataset(split=split, decoders=decoders)))
+    return {ex['id'].decode(): ex for ex in examples}
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+# ----------------------------------------------------------------------------- TFDS test cases
+
+class EbbDatasetTest(tfds.testing.DatasetBuilderTestCase):
+    """TFDS's standard builder checks on dummy_data/ (AIM 2020 layout), both configs."""
+    DATASET_CLASS = ebb.Builder
+    SPLITS = {'train': 3, 'val294': 2}
+    BUILDER_CONFIG_NAMES_TO_TEST = ['rgbd', 'rgb']
+
+
+class SyntheticDatasetTest(tfds.testing.DatasetBuilderTestCase):
+    """TFDS's standard builder checks on a tiny generated set, both configs."""
+    DATASET_CLASS = synthetic.Builder
+    SPLITS = {'train': 3, 'validation': 2}
+    BUILDER_CONFIG_NAMES_TO_TEST = ['rgbd', 'rgb']
+    EXAMPLE_DIR = str(REPO / 'tfds_ebb' / 'synthetic_bokeh')  # nothing is downloaded
+
+    def _make_builder(self, config=None):
+        return self.dataset_class(data_dir=self.tmp_dir, config=config, num_train=3,
+                                  num_validation=2, height=64, width=128)
+
+
+def test_dummy_data_is_the_aim_layout():
+    root = REPO / 'tfds_ebb' / 'ebb' / 'dummy_data' / 'Training'
+    for sub, suffix in (('original', '.jpg'), ('bokeh', '.jpg'), ('original_depth', '.png')):
+        assert sorted(p.name for p in (root / sub).iterdir()) == sorted(
+            f'{i}{suffix}' for i in TRAIN_IDS)
+
+
+# ----------------------------------------------------------------------------- ebb builds
+
+@pytest.mark.parametrize('layout', ['aim', 'pynet'])
+@pytest.mark.parametrize('config', ['rgbd', 'rgb'])
+@pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
+def test_ebb_builds_both_layouts_configs_and_formats(tmp_path, layout, config, file_format):
+    manual = make_ebb_folder(tmp_path / 'manual', layout, depth=config == 'rgbd')
+    builder = build_ebb(manual, tmp_path / 'data', config, file_format)
+    expected_splits = {'train': 3, 'val294': 2} | ({'test': 2} if layout == 'pynet' else {})
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == expected_splits
+    folder = manual / ('Training' if layout == 'aim' else 'train')
+    train = read_split(builder, 'train')
+    assert list(train) == ['0', '1', '2']  # id order is kept
+    val = read_split(builder, 'val294')
+    assert sorted(val) == ['4400', '4401']
+    for stem, ex in {**train, **val}.items():  # the original bytes, not re-encoded
+        assert ex['sharp'] == (folder / 'original' / f'{stem}.jpg').read_bytes()
+        assert ex['bokeh'] == (folder / 'bokeh' / f'{stem}.jpg').read_bytes()
+        if config == 'rgbd':
+            assert ex['depth'] == (folder / 'original_depth' / f'{stem}.png').read_bytes()
+            assert decode(ex['depth']).shape == (32, 48)
+        else:
+            assert 'depth' not in ex
+    if layout == 'pynet':
+        assert sorted(read_split(builder, 'test')) == ['a', 'b']
+
+
+def test_ebb_depth_dir_elsewhere_and_off_by_one(tmp_path):
+    manual = make_ebb_folder(tmp_path / 'manual', 'aim', depth=False)
+    depth_dir = tmp_path / 'megadepth'
+    depth_dir.mkdir()
+    for i, stem in enumerate(TRAIN_IDS):  # 33x47: one pixel off half of 64x96 is allowed
+        (depth_dir / f'{stem}.png').write_bytes(png_bytes(i, (33, 47)))
+    builder = build_ebb(manual, tmp_path / 'data', 'rgbd', depth_dir=str(depth_dir))
+    assert decode(read_split(builder, 'train')['1']['depth']).shape == (33, 47)
+
+
+def test_ebb_without_any_layout_explains_both(tmp_path):
+    (tmp_path / 'manual' / 'photos').mkdir(parents=True)
+    with pytest.raises(ebb.BadInput, match=r"Training/original.*train/original.*\['photos'\]"):
+        build_ebb(tmp_path / 'manual', tmp_path / 'data')
+
+
+def _corrupt(kind: str, folder: pathlib.Path) -> tuple[pathlib.Path, str]:
+    """Breaks pair '1' of `folder` in one way; returns the file the error must name and a regex."""
+    original, bokeh, depth = (folder / 'original' / '1.jpg', folder / 'bokeh' / '1.jpg',
+                              folder / 'original_depth' / '1.png')
+    if kind == 'no_bokeh':
+        bokeh.unlink()
+        return original, 'no bokeh photo'
+    if kind == 'no_sharp':
+        original.unlink()
+        return bokeh, 'no sharp photo'
+    if kind == 'no_depth':
+        depth.unlink()
+        return original, 'no depth map'
+    if kind == 'unreadable':
+        original.write_bytes(b'this is not an image')
+        return original, 'unreadable or truncated'
+    if kind == 'truncated':
+        original.write_bytes(jpeg_bytes(7)[:800])
+        return original, 'unreadable or truncated'
+    if kind == 'size_mismatch':
+        bokeh.write_bytes(jpeg_bytes(8, hw=(64, 128)))
+        return bokeh, r'64x128 but the sharp photo .* is 64x96'
+    if kind == 'depth_size':
+        depth.write_bytes(png_bytes(9, (30, 48)))
+        return depth, 'height must be half the photo height'
+    if kind == 'grayscale':
+        original.write_bytes(jpeg_bytes(10, mode='L'))
+        return original, 'photo is L, expected RGB'
+    if kind == 'not_jpeg':
+        original.write_bytes(png_bytes(11, PHOTO_HW, mode='RGBA'))
+        return original, 'expected a JPEG photo, found PNG'
+    if kind == 'depth_16bit':
+        depth.write_bytes(png_bytes(12, (32, 48), mode='I;16'))
+        return depth, 'expected an 8-bit grayscale PNG'
+    if kind == 'depth_rgb':
+        depth.write_bytes(png_bytes(13, (32, 48), mode='RGB'))
+        return depth, 'expected an 8-bit grayscale PNG'
+    if kind == 'bad_id':
+        for sub, suffix in (('original', '.jpg'), ('bokeh', '.jpg'), ('original_depth', '.png')):
+            (folder / sub / f'1{suffix}').rename(folder / sub / f'img1{suffix}')
+        return folder / 'original' / 'img1.jpg', "'img1' fits no split"
+    raise ValueError(kind)
+
+
+BAD_KINDS = ['no_bokeh', 'no_sharp', 'no_depth', 'unreadable', 'truncated', 'size_mismatch',
+             'depth_size', 'grayscale', 'not_jpeg', 'depth_16bit', 'depth_rgb', 'bad_id']
+
+
+@pytest.mark.parametrize('kind', BAD_KINDS)
+def test_ebb_bad_input_names_the_file(tmp_path, kind):
+    manual = make_ebb_folder(tmp_path / 'manual', 'aim')
+    path, message = _corrupt(kind, manual / 'Training')
+    with pytest.raises(ebb.BadInput) as error:
+        build_ebb(manual, tmp_path / 'data', 'rgbd')
+    assert str(path) in str(error.value)
+    assert re.search(message, str(error.value)), str(error.value)
+    assert not tfds.builder('ebb', config='rgbd', data_dir=str(tmp_path / 'data')).is_prepared()
+
+
+@pytest.mark.parametrize('kind', ['no_bokeh', 'truncated'])
+def test_ebb_skip_bad_lists_every_skipped_id(tmp_path, kind):
+    manual = make_ebb_folder(tmp_path / 'manual', 'aim')
+    path, _ = _corrupt(kind, manual / 'Training')
+    (manual / 'Training' / 'bokeh' / '4400.jpg').write_bytes(jpeg_bytes(3, hw=(32, 32)))
+    builder = build_ebb(manual, tmp_path / 'data', 'rgbd', skip_bad=True)
+    assert list(read_split(builder, 'train')) == ['0', '2']
+    assert list(read_split(builder, 'val294')) == ['4401']
+    reloaded = tfds.builder('ebb', config='rgbd', data_dir=str(tmp_path / 'data'))
+    skipped = reloaded.info.metadata['skipped']
+    assert sorted(skipped) == ['1', '4400']
+    assert str(path) in skipped['1']
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+def build_synthetic(data_dir, config='rgbd', file_format='array_record', **generation):
+    generation = {'num_train': 3, 'num_validation': 2, 'height': 64, 'width': 128} | generation
+    builder = tfds.builder('synthetic_bokeh', config=config, data_dir=str(data_dir),
+                           file_format=file_format, **generation)
+    builder.download_and_prepare()
+    return builder
+
+
+def _raw(builder, split):
+    decoders = {k: tfds.decode.SkipDecoding() for k in ('sharp', 'bokeh', 'depth')
+                if k in builder.info.features}
+    return list(builder.as_data_source(split, decoders=decoders))
+
+
+def test_synthetic_is_deterministic_by_seed(tmp_path):
+    first = _raw(build_synthetic(tmp_path / 'a'), 'train')
+    again = _raw(build_synthetic(tmp_path / 'b'), 'train')
+    other = _raw(build_synthetic(tmp_path / 'c', seed=1), 'train')
+    assert [ex['id'] for ex in first] == [b'train_00000', b'train_00001', b'train_00002']
+    for a, b, c in zip(first, again, other):
+        assert a == b
+        assert a['sharp'] != c['sharp']
+
+
+@pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
+def test_synthetic_features_match_ebb(tmp_path, file_format):
+    builder = build_synthetic(tmp_path / 'data', file_format=file_format)
+    for config in ('rgbd', 'rgb'):
+        assert (repr(synthetic.feature_spec(config == 'rgbd'))
+                == repr(ebb.feature_spec(config == 'rgbd')))
+    examples = read_split(builder, 'validation')
+    assert sorted(examples) == ['validation_00000', 'validation_00001']
+    for ex in examples.values():
+        sharp, bokeh, depth = (decode(ex[k]) for k in ('sharp', 'bokeh', 'depth'))
+        assert sharp.shape == bokeh.shape == (64, 128, 3)
+        assert depth.shape == (32, 64)
+        assert depth.min() == 0 and depth.max() == 255  # stretched, like the MegaDepth maps
+        assert np.abs(sharp.astype(int) - bokeh).mean() > 1  # something is out of focus
+    assert builder.info.metadata['height'] == 64 and builder.info.metadata['seed'] == 0
+
+
+def test_synthetic_rejects_sizes_that_are_not_multiples_of_64(tmp_path):
+    with pytest.raises(ValueError, match='height=100 must be a positive multiple of 64'):
+        tfds.builder('synthetic_bokeh', config='rgbd', data_dir=str(tmp_path), height=100)
+
+
+def test_tfds_build_command(tmp_path):
+    """TFDS's `build` command, by path (as the README says) and by name with builder kwargs.
+
+    Through tfds_ebb/build.py: the `tfds` entry point itself needs apache-beam (tfds#5463).
+    """
+    manual = make_ebb_folder(tmp_path / 'manual', 'aim')
+    env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'}
+    command = [sys.executable, 'tfds_ebb/build.py']
+    subprocess.run(command + ['tfds_ebb/ebb', f'--manual_dir={manual}', '--config=rgbd',
+                              f'--data_dir={tmp_path / "data"}', '--file_format=array_record'],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    builder = tfds.builder('ebb', config='rgbd', data_dir=str(tmp_path / 'data'))
+    assert builder.info.splits['train'].num_examples == 3
+    subprocess.run(command + ['synthetic_bokeh/rgb/num_train=2,num_validation=1,width=64',
+                              '--imports=tfds_ebb', f'--data_dir={tmp_path / "data"}',
+                              '--file_format=tfrecord'],
+                   cwd=REPO, env={**env, 'PYTHONPATH': str(REPO)}, check=True,
+                   capture_output=True)
+    builder = tfds.builder('synthetic_bokeh', config='rgb', data_dir=str(tmp_path / 'data'))
+    assert builder.info.splits['train'].num_examples == 2
+    assert builder.info.metadata['width'] == 64
+
+
+def test_package_registers_both_builders():
+    assert {'ebb', 'synthetic_bokeh'} <= set(tfds.list_builders(with_community_datasets=False))
+    assert tfds_ebb.ebb_dataset_builder.Builder.name == 'ebb'

@@ -1,0 +1,3 @@
+"""The `ebb` TFDS builder (EBB! from a manual download)."""
+
+from .ebb_dataset_builder import Builder

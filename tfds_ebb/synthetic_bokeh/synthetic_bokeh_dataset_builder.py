@@ -1,0 +1,159 @@
+"""`synthetic_bokeh`: procedurally generated EBB!-like pairs that need no download.
+
+Each scene (scenes.py: textured shapes at several depths over a textured background, with
+bright highlights) is rendered into a sharp/bokeh pair by the thin-lens renderer of
+`bokeh_jax.classical`, focused on the central subject. The features are those of `ebb`
+(tfds_ebb/README.md): `id` ("train_00012"), `sharp` and `bokeh` (JPEG, quality 95, no chroma
+subsampling), and in config `rgbd` the half-resolution 8-bit depth map (PNG, near = bright).
+Splits: `train` and `validation`.
+
+Size and seed are builder arguments (the fields of `Generation`), e.g. from Python
+`tfds.builder('synthetic_bokeh', config='rgbd', num_train=1000, seed=1)`, from the config
+(`config.data.synthetic`), or the command line (tfds_ebb/README.md):
+`PYTHONPATH=. tfds build synthetic_bokeh/rgbd/num_train=1000,seed=1 --imports=tfds_ebb`.
+Scene i of a split depends only on (seed, split, i). The generation parameters are stored in the
+dataset's metadata (`metadata.json`) so that a reader can tell which set is on disk.
+"""
+
+import dataclasses
+import io
+import pathlib
+import sys
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+try:
+    from bokeh_jax import image_ops
+except ImportError:  # loaded by path (`tfds build tfds_ebb/synthetic_bokeh`): add the checkout
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+    from bokeh_jax import image_ops
+from . import scenes
+
+_SPLIT_CODES = {'train': 0, 'validation': 1}
+_JPEG_QUALITY = 95
+# Bumped whenever scenes.py or the renderer change what a given seed produces.
+GENERATOR_VERSION = 1
+
+_DESCRIPTION = """\
+Synthetic stand-in for EBB!: procedurally generated scenes (textured shapes at several depths,
+bright highlights) rendered by a layered thin-lens renderer into an all-in-focus photo and a
+shallow depth-of-field photo focused on the central subject, with a half-resolution depth map.
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What determines the generated set (stored as the dataset's metadata).
+
+    Attributes:
+      num_train, num_validation: scenes per split.
+      height, width: photo size; multiples of 64 so that the half-resolution model input is a
+        multiple of 32.
+      seed: scene i of split s is generated from (seed, s, i).
+    """
+    num_train: int = 300
+    num_validation: int = 40
+    height: int = 256
+    width: int = 384
+    seed: int = 0
+
+    def __post_init__(self):
+        for field in ('height', 'width'):
+            value = getattr(self, field)
+            if value <= 0 or value % (2 * image_ops.SIZE_MULTIPLE):
+                raise ValueError(f'synthetic_bokeh: {field}={value} must be a positive multiple '
+                                 f'of {2 * image_ops.SIZE_MULTIPLE}')
+        for field in ('num_train', 'num_validation'):
+            if getattr(self, field) <= 0:
+                raise ValueError(f'synthetic_bokeh: {field} must be positive, got '
+                                 f'{getattr(self, field)}')
+
+    def metadata(self) -> dict[str, int | float]:
+        return {**dataclasses.asdict(self), 'strength': scenes.STRENGTH,
+                'generator_version': GENERATOR_VERSION}
+
+
+def feature_spec(with_depth: bool) -> tfds.features.FeaturesDict:
+    """The features of `ebb` (a copy, so that each builder loads on its own; a test keeps them
+    identical)."""
+    features = {
+        'id': tfds.features.Text(doc='Image id: the file stem (ebb) or scene id (synthetic).'),
+        'sharp': tfds.features.Image(
+            shape=(None, None, 3), encoding_format='jpeg',
+            doc='All-in-focus photo (f/16), uint8 RGB, original JPEG bytes.'),
+        'bokeh': tfds.features.Image(
+            shape=(None, None, 3), encoding_format='jpeg',
+            doc='Shallow depth-of-field photo (f/1.8) of the same scene, same size.'),
+    }
+    if with_depth:
+        features['depth'] = tfds.features.Image(
+            shape=(None, None, 1), encoding_format='png',
+            doc='Depth map at half the photo size (+-1 px), 8-bit, near = bright.')
+    return tfds.features.FeaturesDict(features)
+
+
+def _encode(image: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == 'JPEG':
+        Image.fromarray(image).save(buffer, fmt, quality=_JPEG_QUALITY, subsampling=0)
+    else:
+        Image.fromarray(image[..., 0]).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def make_example(generation: Generation, with_depth: bool, split: str, index: int
+                 ) -> dict[str, str | bytes]:
+    """Scene `index` of `split` as a feature dict (a pure function of its arguments)."""
+    rng = np.random.default_rng([generation.seed, _SPLIT_CODES[split], index])
+    scene = scenes.make_scene(rng, generation.height, generation.width)
+    sharp, bokeh, depth = scenes.render_pair(scene)
+    example = {'id': f'{split}_{index:05d}', 'sharp': _encode(sharp, 'JPEG'),
+               'bokeh': _encode(bokeh, 'JPEG')}
+    if with_depth:
+        example['depth'] = _encode(depth, 'PNG')
+    return example
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+    """Synthetic bokeh pairs; no download needed."""
+
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'First release.'}
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(
+            name='rgbd', description='Photo pairs with a half-resolution depth map.'),
+        tfds.core.BuilderConfig(name='rgb', description='Photo pairs only.'),
+    ]
+    DEFAULT_BUILDER_CONFIG_NAME = 'rgbd'
+
+    def __init__(self, *, num_train: int = Generation.num_train,
+                 num_validation: int = Generation.num_validation, height: int = Generation.height,
+                 width: int = Generation.width, seed: int = Generation.seed, **kwargs):
+        """Builder arguments besides TFDS's own: the fields of `Generation`."""
+        self.generation = Generation(num_train, num_validation, height, width, seed)
+        super().__init__(**kwargs)
+
+    @property
+    def with_depth(self) -> bool:
+        return self.builder_config.name == 'rgbd'
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=_DESCRIPTION,
+            features=feature_spec(self.with_depth),
+            disable_shuffling=True,  # keep scene order
+            metadata=tfds.core.MetadataDict(self.generation.metadata()),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # nothing to download
+        return {'train': self._generate_examples('train', self.generation.num_train),
+                'validation': self._generate_examples('validation',
+                                                      self.generation.num_validation)}
+
+    def _generate_examples(self, split: str, count: int):
+        for index in range(count):
+            example = make_example(self.generation, self.with_depth, split, index)
+            yield example['id'], example
