@@ -1,0 +1,662 @@
+"""Full-resolution rendering of any photo with trained PyNET parameters (`--mode=render`).
+
+The paper's inference (SPEC "Evaluation"), made size-independent:
+  1. photo uint8 [H, W, 3] -> x0.5 antialiased bicubic + depth channel, exactly the training
+     preprocessing (`image_ops.make_model_input`). An odd H or W first gets one reflected row or
+     column, so that the half-resolution grid is exactly x0.5 of the photo.
+  2. The model input is reflect-padded at the bottom and right to multiples of 32 (the original
+     cut the width down to a multiple of 32 instead; `pad_mode='crop'` does that).
+  3. One global pass runs the encoder and the instance-norm levels 7..4, which need statistics of
+     the whole image, and returns level 3's inputs (e1, u4a, u4b) at H/2 of the model input.
+  4. Levels 3, 2, 1 have no normalization: each output pixel depends only on a window of
+     (e1, u4a, u4b), so they run tile by tile on crops with a halo as wide as that window
+     (HALO_BEFORE / HALO_AFTER), and the tiles agree with one whole pass up to float rounding.
+  5. The level-1 output (2x the model input) is cropped back to H x W and clipped to [0, 1].
+
+Depth convention of the paper's model: an 8-bit map at half the photo's resolution, near =
+bright, stretched to the full 0..255 range (MegaDepth maps of EBB!). Any depth map is brought to
+that convention by `image_ops.normalize_depth`: resized (antialiased bicubic) to the half
+resolution, then stretched to 0..255; set `depth_far_is_bright` for metric depth (large = far).
+A map that is already in the convention passes through unchanged.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import functools
+import os
+import sys
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image, ImageOps
+import tqdm
+
+from bokeh_jax import checkpoint
+from bokeh_jax import image_ops
+from bokeh_jax import model as model_lib
+
+# Receptive field of levels 3..1 in pixels of level 3's grid (H/2 of the model input), derived from
+# SPEC "Structure":
+#  - Level 3: a block mb(k) is two k x k 'SAME' convs on every branch, radius 2 * (k // 2) for its
+#    largest branch. Along the longest chain d3 (mb5) 4, d4 (mb7) 6, d5..d8 (mb9) 4 x 8, d9 (mb7) 6,
+#    d10 (mb5) 4, f (mb3) 2, so f3 reads (e1, u4a, u4b) within +-54 (skips and residuals are
+#    shorter paths).
+#  - A 3x3 stride-2 transposed conv with TF 'SAME' sends input i to outputs 2i, 2i+1, 2i+2, so
+#    output o reads inputs o/2 - 1 and o/2 for even o, only (o-1)/2 for odd o: it is one-sided.
+#  Level-1 rows [4a, 4b) read, through the head (3x3), g1 rows [4a-1, 4b]; through up(3), z2 rows
+#  [2a-1, 2b]; through the 3x3 logits conv, g2 rows [2a-2, 2b+1]; through up(8), f3 rows [a-2, b];
+#  hence (e1, u4a, u4b) rows [a-56, b+55). Columns likewise. tests/test_render.py checks with
+#  autodiff that this is exactly the footprint of an output tile.
+HALO_BEFORE = 56
+HALO_AFTER = 55
+# Level-1 output pixels per level-3 pixel: levels 2 and 1 each upsample x2.
+FINE_SCALE = 4
+# Photos picked up from a folder (case-insensitive).
+PHOTO_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+PAD_MODES = ('reflect', 'crop')
+# config.render.max_tile of configs/default.py.
+DEFAULT_MAX_TILE = 2048
+# Smallest config.render.max_tile (model-input pixels, halo included) that leaves a tile any core.
+MIN_TILE = 2 * (HALO_BEFORE + HALO_AFTER + 1)
+
+NEEDS_DEPTH = (
+    "this model takes RGB + depth (4 input channels, like the paper's model), but no depth map "
+    'was given. Either pass --depth=PATH: a depth map of the photo at any resolution, near = '
+    'bright (MegaDepth/MiDaS-style disparity; for metric depth, where large = far, also set '
+    '--config.render.depth_far_is_bright=True), or for a folder of photos a folder with '
+    '<name>.png for each photo <name>.jpg; or render with a model trained without depth '
+    '(--config.data.builder_config=rgb, 3 input channels), which needs none.'
+)
+
+
+class RenderError(Exception):
+    """A problem with the user's files or arguments; the message names the file or flag."""
+
+
+class DepthFormatError(ValueError):
+    """A readable depth image that is not a single-channel map."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and writing images.
+# ----------------------------------------------------------------------------------------------
+
+
+def _gray_to_uint8(image: Image.Image) -> np.ndarray:
+    """8-bit or 16-bit grayscale image -> uint8 [H, W] (16-bit scaled by 255/65535)."""
+    if image.mode in ('1', 'L'):
+        return np.asarray(image.convert('L'))
+    values = np.asarray(image)
+    if values.min() < 0 or values.max() > 65535:
+        raise ValueError(f'{image.mode} image with values outside 0..65535 (not a 16-bit image)')
+    return np.round(values.astype(np.float32) * np.float32(255 / 65535)).astype(np.uint8)
+
+
+def _decode_photo(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ('1', 'L', 'I') or mode.startswith('I;16'):
+        return np.repeat(_gray_to_uint8(image)[..., None], 3, axis=-1)
+    if mode == 'F':
+        raise ValueError('32-bit floating-point images are not supported; use 8-bit JPEG or PNG')
+    if mode in ('LA', 'La', 'PA', 'RGBA', 'RGBa') or (mode == 'P' and 'transparency' in image.info):
+        rgba = np.asarray(image.convert('RGBA'), np.float32)
+        alpha = rgba[..., 3:] / 255
+        return np.round(rgba[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    return np.asarray(image.convert('RGB'))  # RGB, palette, CMYK, YCbCr, ...
+
+
+def read_photo(path: str) -> np.ndarray:
+    """A photo as it is displayed: uint8 [H, W, 3].
+
+    EXIF orientation is applied. Grayscale (1-, 8- or 16-bit) is repeated on the three channels
+    (16-bit scaled to 8). Images with alpha (LA, RGBA, palette with transparency) are composited
+    over white, as a viewer without transparency shows them; the output has no alpha. Other modes
+    (CMYK, YCbCr, palette) are converted to RGB by Pillow. Raises RenderError naming `path` when it
+    cannot be read.
+    """
+    try:
+        with Image.open(path) as image:
+            return _decode_photo(ImageOps.exif_transpose(image))
+    except Exception as e:  # Pillow raises many types on corrupt files; all mean "unreadable"
+        raise RenderError(f'{path}: cannot read the photo ({type(e).__name__}: {e})') from None
+
+
+def read_depth(path: str) -> np.ndarray:
+    """A depth map in its own units: float32 [h, w], any resolution.
+
+    `.npy`: a real array [h, w] or [h, w, 1]. Images (PNG, ...): grayscale 8-bit, 16-bit or float,
+    EXIF orientation applied; an RGB(A) image is accepted only when it is a gray map stored as RGB
+    (equal channels) and opaque. Raises RenderError naming `path`.
+    """
+    try:
+        if path.lower().endswith('.npy'):
+            depth = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as image:
+                depth = _decode_depth(ImageOps.exif_transpose(image))
+    except DepthFormatError as e:
+        raise RenderError(f'{path}: {e}') from None
+    except Exception as e:  # Pillow/numpy raise many types on corrupt files
+        raise RenderError(f'{path}: cannot read the depth map ({type(e).__name__}: {e})') from None
+    depth = depth[..., 0] if depth.ndim == 3 and depth.shape[-1] == 1 else depth
+    if depth.ndim != 2 or min(depth.shape) == 0:
+        raise RenderError(f'{path}: a depth map must be [h, w] or [h, w, 1]; got {depth.shape}')
+    if not np.issubdtype(depth.dtype, np.integer) and not np.issubdtype(depth.dtype, np.floating):
+        raise RenderError(f'{path}: depth map must hold real numbers; got dtype {depth.dtype}')
+    depth = depth.astype(np.float32)
+    if not np.all(np.isfinite(depth)):
+        raise RenderError(f'{path}: depth map has NaN or infinite values')
+    return depth
+
+
+def _decode_depth(image: Image.Image) -> np.ndarray:
+    if image.mode in ('1', 'L', 'I', 'F') or image.mode.startswith('I;16'):
+        return np.asarray(image.convert('L') if image.mode == '1' else image)
+    rgba = np.asarray(image.convert('RGBA'))
+    if np.any(rgba[..., 3] != 255):
+        raise DepthFormatError('depth map has transparent pixels')
+    if np.any(rgba[..., 0] != rgba[..., 1]) or np.any(rgba[..., 0] != rgba[..., 2]):
+        raise DepthFormatError(
+            f'depth map is a colour ({image.mode}) image; expected a single-channel map '
+            f'(grayscale PNG, 8 or 16 bit, near = bright, or a .npy array)'
+        )
+    return rgba[..., 0]
+
+
+def output_format(path: str) -> str:
+    """Pillow format name for an output path, from its extension (e.g. 'PNG', 'JPEG')."""
+    extension = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(extension)
+    if fmt is None or fmt not in Image.SAVE:
+        raise RenderError(
+            f'{path}: unknown output image format {extension or "(no extension)"!r}; '
+            f'use .png (lossless) or .jpg'
+        )
+    return fmt
+
+
+def save_image(path: str, image: np.ndarray, *, jpeg_quality: int = 95) -> None:
+    """Writes float [H, W, 3] in [0, 1] as 8-bit (rounded), format from the extension.
+
+    Written to a temporary file next to `path` and renamed, so an interrupted run leaves no
+    truncated output behind.
+    """
+    fmt = output_format(path)
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    directory, name = os.path.split(os.path.abspath(path))
+    partial = os.path.join(directory, f'.{name}.partial')
+    options = {'quality': int(jpeg_quality)} if fmt == 'JPEG' else {}
+    try:
+        Image.fromarray(pixels).save(partial, format=fmt, **options)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model input.
+# ----------------------------------------------------------------------------------------------
+
+
+def input_channels_of(params: Any) -> int:
+    """3 (RGB) or 4 (RGB + depth): read from the first kernel (space-to-depth makes it 4x)."""
+    return int(params['encoder']['e1']['k3a']['conv']['kernel'].shape[2]) // 4
+
+
+def check_depth_aspect(depth_hw: tuple[int, int], photo_hw: tuple[int, int]) -> None:
+    """Raises ValueError unless a depth map of size depth_hw has the photo's aspect ratio.
+
+    Tolerance: one depth pixel plus 1% of the width, which covers maps made at rounded sizes.
+    """
+    (dh, dw), (h, w) = depth_hw, photo_hw
+    expected = dh * w / h
+    if abs(dw - expected) > 1 + 0.01 * expected:
+        raise ValueError(
+            f'depth map is {dh}x{dw} (height x width) but the photo is {h}x{w}: the aspect ratios '
+            f'differ ({dw / dh:.3f} vs {w / h:.3f}). Was the map made for another photo, or for '
+            f'the photo before its EXIF rotation?'
+        )
+
+
+def model_input(
+    photo: np.ndarray,
+    depth: np.ndarray | None,
+    *,
+    input_channels: int,
+    pad_mode: str = 'reflect',
+    depth_far_is_bright: bool = False,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Preprocesses a whole photo like training and pads it for the model.
+
+    Args:
+      photo: uint8 [H, W, 3], H, W >= 2.
+      depth: [h, w] depth map of the photo at any resolution and scale (see the module docstring),
+        or None for an RGB-only model.
+      input_channels: 4 (RGB + depth) or 3 (RGB only), as the parameters were trained.
+      pad_mode: 'reflect' pads the half-resolution input to multiples of 32; 'crop' cuts it down to
+        them, as the original code did.
+      depth_far_is_bright: the map is metric depth (large = far) rather than near = bright.
+
+    Returns:
+      x: float32 [Hp, Wp, input_channels] in [0, 1], Hp and Wp multiples of 32.
+      (out_h, out_w): the top-left part of the [2Hp, 2Wp] level-1 output that shows the photo:
+        (H, W) with 'reflect'; (2Hp, 2Wp) with 'crop', smaller than the photo.
+    """
+    if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[-1] != 3:
+        raise ValueError(f'photo must be uint8 [H, W, 3]; got {photo.dtype} {photo.shape}')
+    height, width = photo.shape[:2]
+    if min(height, width) < 2:
+        raise ValueError(f'photo is {height}x{width}; it must be at least 2x2 pixels')
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f'config.render.pad_mode must be one of {PAD_MODES}; got {pad_mode!r}')
+    if input_channels == 4 and depth is None:
+        raise ValueError(NEEDS_DEPTH)
+    if input_channels == 3 and depth is not None:
+        raise ValueError(
+            'this model is RGB-only (3 input channels, trained without depth); it takes no depth '
+            'map: leave out --depth, or use a model trained on RGB + depth'
+        )
+    if input_channels not in (3, 4):
+        raise ValueError(f'input_channels must be 3 or 4; got {input_channels}')
+    if depth is not None:
+        check_depth_aspect(depth.shape[:2], (height, width))
+
+    if pad_mode == 'crop':
+        size = (height, width)
+    else:
+        size = (height + height % 2, width + width % 2)
+        photo = image_ops.pad_to_shape(photo, *size, mode='reflect')
+    if depth is not None:
+        depth = image_ops.normalize_depth(depth, size, far_is_bright=depth_far_is_bright)
+    x = image_ops.make_model_input(photo, depth)
+    h, w = x.shape[:2]
+    if pad_mode == 'crop':
+        m = model_lib.SIZE_MULTIPLE
+        h, w = h // m * m, w // m * m
+        if min(h, w) == 0:
+            raise ValueError(
+                f'pad_mode="crop" needs a photo of at least 64x64 pixels; got {height}x{width}'
+            )
+        return x[:h, :w], (2 * h, 2 * w)
+    x = image_ops.pad_to_shape(x, image_ops.round_up(h), image_ops.round_up(w), mode='reflect')
+    return x, (height, width)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model, whole or in tiles.
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _functions(channels: int, dtype: str) -> tuple[Callable, Callable, Callable]:
+    """Jitted (whole, coarse, fine_tile) for PyNET(channels, dtype); cached so they compile once per
+    shape for the life of the process."""
+    model = model_lib.PyNET(channels, dtype=jnp.dtype(dtype))
+
+    @jax.jit
+    def whole(params, x):
+        return model.apply({'params': params}, x, level=1)[1]
+
+    @jax.jit
+    def coarse(params, x):
+        _, skips = model.apply({'params': params}, x, stop_at=3, method=model_lib.PyNET.coarse)
+        return skips
+
+    @functools.partial(jax.jit, static_argnames='size')
+    def fine_tile(params, e1, u4a, u4b, origin, size):
+        # The crop origin is traced, so all tiles of an image share one compilation.
+        crops = [
+            jax.lax.dynamic_slice(f, (0, origin[0], origin[1], 0), (1, *size, f.shape[-1]))
+            for f in (e1, u4a, u4b)
+        ]
+        return model.apply({'params': params}, *crops, stop_at=1, method=model_lib.PyNET.fine)[1]
+
+    return whole, coarse, fine_tile
+
+
+def tile_spans(size: int, needed: int, crop: int) -> list[tuple[int, int, int]]:
+    """Tiles along one axis of level 3's grid, as (start, stop, crop_start).
+
+    The tiles' outputs [start, stop) cover [0, needed); each tile reads the crop [crop_start,
+    crop_start + min(crop, size)), which holds its halo [start - HALO_BEFORE, stop + HALO_AFTER)
+    clipped to [0, size). At the image border the crop is shifted inwards rather than padded, so
+    every layer's zero 'SAME' padding falls exactly where the whole-image pass has it, and all
+    crops have one shape.
+    """
+    if crop >= size:
+        return [(0, needed, 0)]
+    core = crop - HALO_BEFORE - HALO_AFTER
+    if core < 1:
+        raise ValueError(f'a crop of {crop} leaves no room inside the halo')
+    return [
+        (start, min(start + core, needed), min(max(start - HALO_BEFORE, 0), size - crop))
+        for start in range(0, needed, core)
+    ]
+
+
+def tile_crop(size: int, needed: int, max_crop: int) -> int:
+    """Crop length along one axis: at most max_crop, shrunk so that its tiles are equal.
+
+    With n = the fewest tiles of at most max_crop that cover `needed`, the crop is just wide
+    enough for n equal cores plus the halo (the crop, not the core, is what costs time).
+    """
+    halo = HALO_BEFORE + HALO_AFTER
+    if max_crop >= size:
+        return size
+    if max_crop <= halo:
+        raise ValueError(f'a crop of {max_crop} leaves no room inside the halo ({halo})')
+    tiles = -(-needed // (max_crop - halo))
+    return min(-(-needed // tiles) + halo, size)
+
+
+def _check_max_tile(max_tile: int) -> None:
+    if max_tile != 0 and max_tile < MIN_TILE:
+        raise ValueError(
+            f'config.render.max_tile must be 0 (untiled) or >= {MIN_TILE} model-input pixels (the '
+            f'halo of levels 1-3 is {HALO_BEFORE}+{HALO_AFTER} level-3 pixels); got {max_tile}'
+        )
+
+
+def render_model_input(
+    params: Any,
+    x: np.ndarray,
+    out_hw: tuple[int, int],
+    *,
+    channels: int,
+    max_tile: int,
+    dtype: str = 'float32',
+) -> np.ndarray:
+    """Level-1 output for a padded model input, cropped to out_hw: float32 [*out_hw, 3] in [0, 1].
+
+    Args:
+      x: float32 [Hp, Wp, C] in [0, 1] (`model_input`).
+      max_tile: 0 runs levels 1-3 in one pass; otherwise the largest side, in model-input pixels
+        and halo included, of the crops they run on (memory of the fine levels ~ max_tile**2).
+    """
+    _check_max_tile(max_tile)
+    whole, coarse, fine_tile = _functions(channels, str(jnp.dtype(dtype)))
+    params = jax.device_put(params)  # no copy when already on the device
+    if max_tile == 0:
+        out = np.asarray(whole(params, x[None]))[0, : out_hw[0], : out_hw[1]]
+        return np.clip(out, 0.0, 1.0)
+
+    e1, u4a, u4b = coarse(params, x[None])
+    grid = e1.shape[1:3]
+    needed = [-(-n // FINE_SCALE) for n in out_hw]
+    crop = tuple(tile_crop(grid[i], needed[i], max_tile // 2) for i in (0, 1))
+    rows, cols = (tile_spans(grid[i], needed[i], crop[i]) for i in (0, 1))
+    logging.debug('level 3 grid %dx%d: %d x %d tiles of %dx%d', *grid, len(rows), len(cols), *crop)
+    out = np.empty((FINE_SCALE * needed[0], FINE_SCALE * needed[1], 3), np.float32)
+    s = FINE_SCALE
+    for r0, r1, rc in rows:
+        for c0, c1, cc in cols:
+            tile = fine_tile(params, e1, u4a, u4b, jnp.array([rc, cc], jnp.int32), size=crop)
+            tile = np.asarray(tile)[0]
+            out[s * r0 : s * r1, s * c0 : s * c1] = tile[
+                s * (r0 - rc) : s * (r1 - rc), s * (c0 - cc) : s * (c1 - cc)
+            ]
+    return np.clip(out[: out_hw[0], : out_hw[1]], 0.0, 1.0)
+
+
+def render_full_resolution(
+    params: Any,
+    photo: np.ndarray,
+    depth: np.ndarray | None = None,
+    *,
+    channels: int | None = None,
+    max_tile: int = DEFAULT_MAX_TILE,
+    pad_mode: str = 'reflect',
+    depth_far_is_bright: bool = False,
+    dtype: str = 'float32',
+) -> np.ndarray:
+    """Renders the bokeh version of a whole photo with level-1 PyNET parameters.
+
+    Args:
+      params: the full PyNET parameter tree (as from `checkpoint.load_params`).
+      photo: uint8 [H, W, 3].
+      depth: depth map [h, w] of the photo at any resolution (module docstring), or None for an
+        RGB-only model.
+      channels: base width of the model the params belong to; None = read from the params.
+      max_tile: see `render_model_input`; 0 = untiled.
+      pad_mode, depth_far_is_bright: see `model_input`.
+      dtype: computation dtype.
+
+    Returns:
+      float32 [H, W, 3] in [0, 1] (with pad_mode 'crop': [2Hp, 2Wp, 3], see `model_input`).
+    """
+    width = int(params['encoder']['e1']['k3a']['conv']['kernel'].shape[-1])
+    channels = width if channels is None else channels
+    if width != channels:
+        raise ValueError(f'channels={channels} but the parameters are of a model of width {width}')
+    x, out_hw = model_input(
+        photo,
+        depth,
+        input_channels=input_channels_of(params),
+        pad_mode=pad_mode,
+        depth_far_is_bright=depth_far_is_bright,
+    )
+    return render_model_input(params, x, out_hw, channels=channels, max_tile=max_tile, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and folders (`launch.py --mode=render`).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One photo to render: its path, its depth map's path (None: RGB-only) and the output path."""
+
+    photo: str
+    depth: str | None
+    output: str
+
+
+def _split_folder(folder: str) -> tuple[list[str], list[str]]:
+    """(photos, other files) in a folder, sorted by name; sub-folders are not entered."""
+    photos, others = [], []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not name.startswith('.'):
+            is_photo = os.path.splitext(name)[1].lower() in PHOTO_EXTENSIONS
+            (photos if is_photo else others).append(path)
+    return photos, others
+
+
+def _depth_for(photo: str, depth_folder: str) -> str:
+    return os.path.join(depth_folder, os.path.splitext(os.path.basename(photo))[0] + '.png')
+
+
+def plan_jobs(
+    input_path: str,
+    depth_path: str | None,
+    output_path: str,
+    *,
+    input_channels: int,
+    overwrite: bool = False,
+) -> list[Job]:
+    """Checks the paths of a render run and pairs every photo with its depth map and output.
+
+    `input_path` is a photo or a folder of photos (*.jpg, *.jpeg, *.png). For a folder,
+    `output_path` is a folder (each output keeps its photo's name) and `depth_path` a folder
+    holding <stem>.png for each photo <stem>.<ext>; a missing map fails that photo only, when it is
+    rendered. For a single photo, `output_path` is a file (format from the extension) or an
+    existing folder, and `depth_path` a file, or a folder to look <stem>.png up in. Raises
+    RenderError, before anything is rendered, for: a missing input; depth given to an RGB-only
+    model or missing for an RGB + depth model; an unknown output extension; an output that exists
+    (unless `overwrite`) or that is the input itself.
+    """
+    if input_channels == 4 and not depth_path:
+        raise RenderError(NEEDS_DEPTH)
+    if input_channels == 3 and depth_path:
+        raise RenderError(
+            f'--depth={depth_path}: this model is RGB-only (3 input channels, trained without '
+            f'depth) and takes no depth map; leave out --depth or use an RGB + depth model'
+        )
+    if depth_path and not os.path.exists(depth_path):
+        raise RenderError(f'--depth={depth_path}: no such file or folder')
+    if os.path.isdir(input_path):
+        photos, others = _split_folder(input_path)
+        if others:
+            logging.warning(
+                'Not rendering %d file(s) of %s without a %s extension: %s',
+                len(others),
+                input_path,
+                '/'.join(PHOTO_EXTENSIONS),
+                ', '.join(others[:10]),
+            )
+        if not photos:
+            extensions = '/'.join(PHOTO_EXTENSIONS)
+            raise RenderError(f'--input={input_path}: no {extensions} photos in it')
+        if depth_path and not os.path.isdir(depth_path):
+            raise RenderError(
+                f'--depth={depth_path} is a file; with a folder of photos, --depth must be a '
+                f'folder holding <name>.png for each photo <name>.jpg/.png'
+            )
+        if os.path.exists(output_path) and not os.path.isdir(output_path):
+            raise RenderError(
+                f'--output={output_path} is a file; with a folder of photos it must be a folder'
+            )
+        jobs = [
+            Job(
+                photo,
+                _depth_for(photo, depth_path) if depth_path else None,
+                os.path.join(output_path, os.path.basename(photo)),
+            )
+            for photo in photos
+        ]
+    elif os.path.isfile(input_path):
+        depth = depth_path or None
+        if depth and os.path.isdir(depth):
+            depth = _depth_for(input_path, depth)
+            if not os.path.isfile(depth):
+                raise RenderError(f'--depth={depth_path}: no depth map {depth} for {input_path}')
+        output = output_path
+        if os.path.isdir(output):
+            output = os.path.join(output, os.path.basename(input_path))
+        jobs = [Job(input_path, depth, output)]
+    else:
+        raise RenderError(f'--input={input_path}: no such file or folder')
+
+    for job in jobs:
+        output_format(job.output)
+        if os.path.exists(job.output) and os.path.samefile(job.output, job.photo):
+            raise RenderError(
+                f'{job.output}: the output would replace the input photo; choose another --output'
+            )
+    existing = [job.output for job in jobs if os.path.exists(job.output)]
+    if existing and not overwrite:
+        raise RenderError(
+            f'{len(existing)} output file(s) already exist ({", ".join(existing[:5])}'
+            f'{", ..." if len(existing) > 5 else ""}); pass --overwrite to replace them'
+        )
+    return jobs
+
+
+def _render_job(
+    params: Any, meta: dict, job: Job, cfg: ml_collections.ConfigDict, dtype: str
+) -> tuple[np.ndarray, float]:
+    """Renders and writes one job; returns (photo, seconds spent rendering).
+
+    Raises RenderError naming the file.
+    """
+    photo = read_photo(job.photo)
+    depth = None
+    if job.depth is not None:
+        if not os.path.isfile(job.depth):
+            raise RenderError(f'{job.photo}: its depth map {job.depth} does not exist')
+        depth = read_depth(job.depth)
+        try:
+            check_depth_aspect(depth.shape, photo.shape[:2])
+        except ValueError as e:
+            raise RenderError(f'{job.depth} (depth of {job.photo}): {e}') from None
+    start = time.perf_counter()
+    try:
+        x, out_hw = model_input(
+            photo,
+            depth,
+            input_channels=meta['input_channels'],
+            pad_mode=cfg.pad_mode,
+            depth_far_is_bright=cfg.depth_far_is_bright,
+        )
+    except ValueError as e:  # photo too small for the pad mode, ...
+        raise RenderError(f'{job.photo}: {e}') from None
+    image = render_model_input(
+        params, x, out_hw, channels=meta['channels'], max_tile=cfg.max_tile, dtype=dtype
+    )
+    seconds = time.perf_counter() - start
+    try:
+        save_image(job.output, image, jpeg_quality=cfg.jpeg_quality)
+    except OSError as e:
+        raise RenderError(f'{job.output}: cannot write the output ({e})') from None
+    return photo, seconds
+
+
+def render_paths(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    input_path: str,
+    depth_path: str | None,
+    output_path: str,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """`--mode=render`: renders a photo or a folder with the finest parameters in `workdir`.
+
+    Prints the time per photo (a folder also gets a progress bar). Raises RenderError before
+    rendering for bad arguments (`plan_jobs`), and after rendering everything else when some photos
+    failed, listing them.
+    """
+    cfg = config.render
+    try:
+        _check_max_tile(cfg.max_tile)
+    except ValueError as e:
+        raise RenderError(str(e)) from None
+    if cfg.pad_mode not in PAD_MODES:
+        raise RenderError(
+            f'config.render.pad_mode must be one of {PAD_MODES}; got {cfg.pad_mode!r}'
+        )
+    try:
+        params, meta = checkpoint.load_params(workdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise RenderError(str(e)) from None
+    if meta.get('level') != 1:
+        raise RenderError(
+            f'{checkpoint.params_dir(workdir, meta.get("level"))}: the finest parameters saved in '
+            f'{workdir} are of level {meta.get("level")}; rendering needs level 1 (finish '
+            f'training, or --mode=convert the released model)'
+        )
+    jobs = plan_jobs(
+        input_path,
+        depth_path,
+        output_path,
+        input_channels=meta['input_channels'],
+        overwrite=overwrite,
+    )
+    for directory in {os.path.dirname(os.path.abspath(job.output)) for job in jobs}:
+        os.makedirs(directory, exist_ok=True)
+    params = jax.device_put(params)
+    failures, compiled = [], set()
+    for job in tqdm.tqdm(jobs, desc='render', unit='photo', disable=len(jobs) == 1):
+        try:
+            photo, seconds = _render_job(params, meta, job, cfg, config.model.dtype)
+        except RenderError as e:
+            failures.append(str(e))
+            tqdm.tqdm.write(f'FAILED {e}', file=sys.stderr)
+            continue
+        # Same size, same shapes: only the first photo of a size compiles.
+        height, width = photo.shape[:2]
+        note = '' if (height, width) in compiled else ' (first of this size: includes compiling)'
+        compiled.add((height, width))
+        tqdm.tqdm.write(f'{job.photo} ({width}x{height}) -> {job.output}: {seconds:.1f} s{note}')
+    if failures:
+        raise RenderError(
+            f'{len(failures)} of {len(jobs)} photo(s) failed (the others were written):\n  '
+            + '\n  '.join(failures)
+        )

@@ -1,0 +1,433 @@
+"""Full-resolution rendering: exact tiling, preprocessing, file handling, `launch.py --mode=render`.
+
+Tiny models (width 4). Photos whose half-resolution size pads to 64x64 share one compilation.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import helpers
+from bokeh_jax import checkpoint, image_ops, render
+from bokeh_jax import model as model_lib
+from configs import default
+
+CHANNELS = 4
+TINY_MAX_TILE = default.get_config('tiny').render.max_tile
+
+
+def launch(*args):
+    """`launch.py --mode=render ARGS`; callers check the exit code and the messages."""
+    return helpers.launch('--mode=render', *args, check=False)
+
+
+def make_params(input_channels: int, seed: int = 0):
+    """Random tiny PyNET; kernels get a gain of 1.4 (He for leaky ReLU) so that the level-1 output
+    varies across the image instead of sitting near 0.5."""
+    params = model_lib.init_params(
+        model_lib.PyNET(CHANNELS), jax.random.key(seed), input_channels=input_channels
+    )
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * np.float32(1.4) if path[-1].key == 'kernel' else x, params
+    )
+
+
+@pytest.fixture(scope='module')
+def params():
+    return make_params(4)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, params):
+    path = str(tmp_path_factory.mktemp('work'))
+    checkpoint.save_params(path, 1, params, {'channels': CHANNELS, 'input_channels': 4})
+    return path
+
+
+def random_photo(rng, height, width):
+    """Smooth colour gradients plus noise: uint8 [height, width, 3]."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    base = np.stack([yy, xx, 1 - (xx + yy) / 2], axis=-1) * 200
+    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+
+
+def save_png(path, array):
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+# ---- exact tiling ----------------------------------------------------------------------------
+
+
+def test_halo_is_exactly_the_receptive_field_of_levels_3_to_1():
+    """Autodiff footprint of one 4x4 block of level-1 pixels on the fine levels' inputs.
+
+    All kernels are positive (1/fan_in) and biases 0, so no paths cancel and every input pixel in
+    the receptive field gets a nonzero gradient; the cotangent is scaled up so that the weakest
+    paths (products of ~25 kernel corner taps) stay far above float32's smallest normal number.
+    """
+    model = model_lib.PyNET(CHANNELS)
+
+    def positive(path, leaf):
+        names = [k.key for k in path]
+        if names[-1] != 'kernel':
+            return np.full(leaf.shape, names[-1] == 'scale', np.float32)
+        fan_in = leaf.shape[0] * leaf.shape[1] * leaf.shape[3 if names[-3].startswith('up') else 2]
+        return np.full(leaf.shape, 1 / fan_in, np.float32)
+
+    params = jax.tree_util.tree_map_with_path(positive, model_lib.param_shapes(CHANNELS))
+    size, a = 120, 58  # output block at level-3 pixel (a, a); its footprint fits with a margin
+    rng = np.random.default_rng(0)
+    features = [rng.random((1, size, size, CHANNELS), np.float32) for _ in range(3)]
+    s = render.FINE_SCALE
+
+    def block(features):
+        out = model.apply({'params': params}, *features, stop_at=1, method=model_lib.PyNET.fine)
+        return out[1][0, s * a : s * (a + 1), s * a : s * (a + 1)].sum() * 1e30
+
+    grads = jax.jit(jax.grad(block))(features)
+    touched = np.zeros((size, size), bool)
+    for g in grads:
+        touched |= np.any(np.asarray(g) != 0, axis=(0, 3))
+    expected = np.zeros((size, size), bool)
+    lo, hi = a - render.HALO_BEFORE, a + 1 + render.HALO_AFTER
+    assert lo > 0 and hi < size
+    expected[lo:hi, lo:hi] = True
+    np.testing.assert_array_equal(touched, expected)
+
+
+def test_tile_spans_cover_the_output_and_hold_their_halos():
+    for size in (112, 113, 150, 176, 333):
+        for needed in {size - 15, size - 1, size}:
+            for crop in (112, 113, 140, 175, 400):
+                spans = render.tile_spans(size, needed, crop)
+                covered = np.zeros(needed, int)
+                for start, stop, crop_start in spans:
+                    covered[start:stop] += 1
+                    length = min(crop, size)
+                    assert 0 <= crop_start and crop_start + length <= size
+                    assert crop_start <= max(start - render.HALO_BEFORE, 0)
+                    assert crop_start + length >= min(stop + render.HALO_AFTER, size)
+                np.testing.assert_array_equal(covered, 1)
+    with pytest.raises(ValueError, match='halo'):
+        render.tile_spans(200, 200, 111)
+    # Balanced crops: the fewest tiles of at most max_crop, as small as they can be.
+    cases = ((1008, 1000, 512), (1504, 1500, 512), (300, 290, 250), (90, 80, 200))
+    for size, needed, max_crop in cases:
+        crop = render.tile_crop(size, needed, max_crop)
+        spans = render.tile_spans(size, needed, crop)
+        assert crop <= max_crop or crop == size
+        fewest = len(render.tile_spans(size, needed, min(max_crop, size)))
+        assert len(spans) == fewest
+        if len(spans) > 1:  # one pixel less and it takes another tile
+            assert len(render.tile_spans(size, needed, crop - 1)) > fewest
+    assert render.tile_crop(1008, 1000, 512) == 334 + 111  # 3 cores of 334 instead of 401+401+198
+
+
+def test_tiled_render_matches_one_untiled_pass(params):
+    rng = np.random.default_rng(1)
+    photo = random_photo(rng, 651, 667)  # odd sizes: padded to a 352x352 model input
+    depth = rng.random((217, 222)).astype(np.float32)  # any resolution, any scale
+
+    # The model input, derived here from SPEC: x0.5 bicubic of the photo (made even by one
+    # reflected row/column) + depth stretched to 0..255 at that size, reflect-padded to 32s.
+    even = np.pad(photo, ((0, 1), (0, 1), (0, 0)), mode='reflect')
+    small = image_ops.resize(depth, (326, 334))
+    small = np.round((small - small.min()) / (small.max() - small.min()) * 255).astype(np.uint8)
+    x = image_ops.make_model_input(even, small)
+    x = np.pad(x, ((0, 352 - 326), (0, 352 - 334), (0, 0)), mode='reflect')
+    got_x, out_hw = render.model_input(photo, depth, input_channels=4)
+    np.testing.assert_array_equal(got_x[..., :3], x[..., :3])
+    np.testing.assert_allclose(got_x[..., 3], x[..., 3], atol=1 / 255 + 1e-6)  # x.5 rounding
+    assert out_hw == (651, 667)
+
+    max_tile = 2 * (render.HALO_BEFORE + render.HALO_AFTER + 56)  # 56-pixel cores: 3 x 3 tiles
+    grid, needed = 352 // 2, (-(-651 // 4), -(-667 // 4))
+    crops = [render.tile_crop(grid, n, max_tile // 2) for n in needed]
+    assert crops == [55 + 111, 56 + 111]  # 163 and 167 rows in 3 equal cores
+    for n, crop in zip(needed, crops, strict=True):
+        assert len(render.tile_spans(grid, n, crop)) == 3
+    untiled = render.render_model_input(params, got_x, out_hw, channels=CHANNELS, max_tile=0)
+    tiled = render.render_full_resolution(
+        params, photo, depth, channels=CHANNELS, max_tile=max_tile
+    )
+    assert tiled.shape == untiled.shape == (651, 667, 3) and tiled.dtype == np.float32
+    assert untiled.std() > 0.02  # a real image, not a constant the tiles trivially agree on
+    np.testing.assert_allclose(tiled, untiled, atol=1e-4, rtol=0)
+
+
+def test_rgb_only_model_needs_no_depth():
+    params = make_params(3)
+    photo = random_photo(np.random.default_rng(2), 45, 61)
+    out = render.render_full_resolution(params, photo, None, max_tile=TINY_MAX_TILE)
+    assert out.shape == (45, 61, 3) and out.min() >= 0 and out.max() <= 1 and out.std() > 0.01
+    with pytest.raises(ValueError, match='RGB-only'):
+        render.render_full_resolution(params, photo, np.zeros((22, 30)), max_tile=TINY_MAX_TILE)
+
+
+# ---- model input -----------------------------------------------------------------------------
+
+
+def test_depth_is_brought_to_the_papers_convention():
+    rng = np.random.default_rng(3)
+    photo = random_photo(rng, 100, 140)
+    # Already in the convention (half resolution, 8 bit, stretched to 0..255): unchanged.
+    ebb = rng.integers(0, 256, (50, 70)).astype(np.uint8)
+    ebb[0, 0], ebb[0, 1] = 0, 255
+    x, _ = render.model_input(photo, ebb, input_channels=4)
+    np.testing.assert_array_equal(x[:50, :70, 3], image_ops.to_float(ebb))
+    # Full-resolution 16-bit metric depth (large = far), compressed range: resized to half size,
+    # inverted and stretched.
+    metric = 1000 + image_ops.resize(ebb.astype(np.float32), (100, 140)) * 3
+    x, _ = render.model_input(photo, metric, input_channels=4, depth_far_is_bright=True)
+    expected = image_ops.resize(metric, (50, 70))
+    expected = np.round((expected.max() - expected) * 255 / np.ptp(expected)) / 255
+    np.testing.assert_allclose(x[:50, :70, 3], expected, atol=1e-6)
+    assert x.shape == (64, 96, 4)
+    np.testing.assert_array_equal(x[50:64, :70], x[48:34:-1, :70])  # reflected, not zeros
+
+
+def test_crop_mode_cuts_like_the_original():
+    photo = random_photo(np.random.default_rng(4), 150, 203)
+    x, out_hw = render.model_input(photo, None, input_channels=3, pad_mode='crop')
+    np.testing.assert_array_equal(x, image_ops.make_model_input(photo, None)[:64, :96])
+    assert out_hw == (128, 192)
+    with pytest.raises(ValueError, match='at least 64x64'):
+        render.model_input(photo[:60], None, input_channels=3, pad_mode='crop')
+    with pytest.raises(ValueError, match='pad_mode'):
+        render.model_input(photo, None, input_channels=3, pad_mode='zeros')
+
+
+def test_model_input_rejects_bad_depth_and_photos():
+    photo = random_photo(np.random.default_rng(5), 60, 80)
+    with pytest.raises(ValueError, match=r'--depth=PATH.*builder_config=rgb'):
+        render.model_input(photo, None, input_channels=4)
+    with pytest.raises(ValueError, match='aspect'):  # the map of the photo before rotation
+        render.model_input(photo, np.zeros((40, 30)), input_channels=4)
+    render.model_input(photo, np.zeros((31, 40)), input_channels=4)  # rounding is fine
+    with pytest.raises(ValueError, match='at least 2x2'):
+        render.model_input(photo[:1], None, input_channels=3)
+    with pytest.raises(ValueError, match='uint8'):
+        render.model_input(photo.astype(np.float32), None, input_channels=3)
+    with pytest.raises(ValueError, match='max_tile'):
+        x = np.zeros((32, 32, 3), np.float32)
+        render.render_model_input({}, x, (64, 64), channels=CHANNELS, max_tile=100)
+
+
+# ---- reading and writing files ---------------------------------------------------------------
+
+
+def test_read_photo_modes(tmp_path):
+    rng = np.random.default_rng(6)
+    rgb = random_photo(rng, 30, 41)
+    # Grayscale, 8 and 16 bit: repeated on three channels.
+    gray = rgb[..., 0]
+    np.testing.assert_array_equal(
+        render.read_photo(save_png(tmp_path / 'g.png', gray)), np.stack([gray] * 3, -1)
+    )
+    gray16 = rng.integers(0, 65536, (30, 41)).astype(np.uint16)
+    got = render.read_photo(save_png(tmp_path / 'g16.png', gray16))
+    np.testing.assert_array_equal(got[..., 1], np.round(gray16 / 65535 * 255).astype(np.uint8))
+    # RGBA: composited over white.
+    alpha = rng.integers(0, 256, (30, 41, 1)).astype(np.uint8)
+    got = render.read_photo(save_png(tmp_path / 'a.png', np.concatenate([rgb, alpha], -1)))
+    expected = rgb * (alpha / 255) + 255 * (1 - alpha / 255)
+    assert got.dtype == np.uint8 and np.abs(got - expected).max() <= 0.5 + 1e-9
+    # EXIF orientation 6: the stored pixels are shown rotated 90 degrees clockwise.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / 'r.jpg', quality=95, exif=exif)
+    stored = np.asarray(Image.open(tmp_path / 'r.jpg').convert('RGB'))
+    got = render.read_photo(str(tmp_path / 'r.jpg'))
+    assert got.shape == (41, 30, 3)
+    np.testing.assert_array_equal(got, np.rot90(stored, k=-1))
+    # Unreadable: garbage and a truncated JPEG name themselves.
+    (tmp_path / 'bad.jpg').write_bytes(b'not an image')
+    with pytest.raises(render.RenderError, match='bad.jpg: cannot read'):
+        render.read_photo(str(tmp_path / 'bad.jpg'))
+    data = (tmp_path / 'r.jpg').read_bytes()
+    (tmp_path / 'cut.jpg').write_bytes(data[: len(data) // 2])
+    with pytest.raises(render.RenderError, match='cut.jpg: cannot read'):
+        render.read_photo(str(tmp_path / 'cut.jpg'))
+
+
+def test_read_depth_formats(tmp_path):
+    rng = np.random.default_rng(7)
+    d16 = rng.integers(0, 65536, (20, 30)).astype(np.uint16)
+    np.testing.assert_array_equal(render.read_depth(save_png(tmp_path / 'd16.png', d16)), d16)
+    d8 = d16.astype(np.uint8)
+    as_rgb = save_png(tmp_path / 'rgb.png', np.stack([d8] * 3, -1))
+    np.testing.assert_array_equal(render.read_depth(as_rgb), d8)
+    colour = np.stack([d8, d8, 255 - d8], -1)
+    with pytest.raises(render.RenderError, match='colour.png: .*colour'):
+        render.read_depth(save_png(tmp_path / 'colour.png', colour))
+    np.save(tmp_path / 'd.npy', d16.astype(np.float64) / 7)
+    np.testing.assert_allclose(render.read_depth(str(tmp_path / 'd.npy')), d16 / 7, rtol=1e-6)
+    np.save(tmp_path / 'nan.npy', np.full((4, 4), np.nan))
+    with pytest.raises(render.RenderError, match='nan.npy: .*NaN'):
+        render.read_depth(str(tmp_path / 'nan.npy'))
+    np.save(tmp_path / 'cube.npy', np.zeros((4, 4, 3)))
+    with pytest.raises(render.RenderError, match=r'cube.npy: .*\[h, w\]'):
+        render.read_depth(str(tmp_path / 'cube.npy'))
+
+
+def test_save_image_format_from_extension(tmp_path):
+    image = random_photo(np.random.default_rng(8), 20, 30) / np.float32(255)
+    render.save_image(str(tmp_path / 'x.png'), image)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / 'x.png')), np.round(image * 255).astype(np.uint8)
+    )
+    render.save_image(str(tmp_path / 'x.JPG'), image)
+    assert Image.open(tmp_path / 'x.JPG').format == 'JPEG'
+    with pytest.raises(render.RenderError, match=r"x.xyz: unknown output image format '.xyz'"):
+        render.save_image(str(tmp_path / 'x.xyz'), image)
+    assert sorted(os.listdir(tmp_path)) == ['x.JPG', 'x.png']  # no partial files left
+
+
+def test_plan_jobs_pairs_files_and_refuses_bad_arguments(tmp_path):
+    photos, depths, out = tmp_path / 'in', tmp_path / 'depth', tmp_path / 'out'
+    photos.mkdir()
+    depths.mkdir()
+    for name in ('a.jpg', 'b.PNG', 'notes.txt'):
+        (photos / name).write_bytes(b'')
+    jobs = render.plan_jobs(str(photos), str(depths), str(out), input_channels=4)
+    assert jobs == [
+        render.Job(str(photos / 'a.jpg'), str(depths / 'a.png'), str(out / 'a.jpg')),
+        render.Job(str(photos / 'b.PNG'), str(depths / 'b.png'), str(out / 'b.PNG')),
+    ]
+    one = str(photos / 'a.jpg')
+    assert render.plan_jobs(one, None, str(tmp_path / 'o.png'), input_channels=3) == [
+        render.Job(one, None, str(tmp_path / 'o.png'))
+    ]
+
+    def fails(match, *args, input_channels=4, **kwargs):
+        with pytest.raises(render.RenderError, match=match):
+            render.plan_jobs(*args, input_channels=input_channels, **kwargs)
+
+    fails('no depth map was given', one, None, str(out))
+    fails('RGB-only', one, str(depths), str(out), input_channels=3)
+    missing = str(tmp_path / 'missing.jpg')
+    fails('--input=.*missing.jpg: no such file', missing, None, 'o.png', input_channels=3)
+    fails('--depth=.*: no such', one, str(tmp_path / 'nodepth.png'), str(out))
+    fails(r'no depth map .*a\.png', one, str(depths), str(tmp_path / 'o.png'))
+    fails('--depth=.* is a file', str(photos), str(photos / 'a.jpg'), str(out))
+    fails('--output=.* is a file', str(photos), str(depths), str(photos / 'a.jpg'))
+    gif2 = str(tmp_path / 'o.gif2')
+    fails("unknown output image format '.gif2'", one, None, gif2, input_channels=3)
+    fails(  # even with --overwrite
+        'replace the input photo', str(photos), None, str(photos), input_channels=3, overwrite=True
+    )
+    (tmp_path / 'o.png').write_bytes(b'keep')
+    fails('already exist.*--overwrite', one, None, str(tmp_path / 'o.png'), input_channels=3)
+    render.plan_jobs(one, None, str(tmp_path / 'o.png'), input_channels=3, overwrite=True)
+    (depths / 'x').mkdir()
+    fails('no .jpg/.jpeg/.png photos', str(depths), None, str(out), input_channels=3)
+
+
+# ---- launch.py --mode=render ------------------------------------------------------------------
+
+
+def test_launch_renders_a_folder_and_lists_failures(tmp_path, params, workdir):
+    """Odd sizes, grayscale, RGBA, an EXIF-rotated JPEG, an unreadable file, a missing depth map:
+    the good photos are rendered at their exact size, the bad ones listed, the exit code non-zero.
+    """
+    rng = np.random.default_rng(9)
+    photos, depths, out = tmp_path / 'photos', tmp_path / 'depths', tmp_path / 'out'
+    photos.mkdir()
+    depths.mkdir()
+    shown = {  # name -> displayed (height, width); all pad to a 64x64 model input
+        'a.png': (67, 91),
+        'b.png': (90, 75),
+        'c.png': (70, 101),
+        'd.jpg': (99, 75),
+        'f.png': (80, 80),
+    }
+    save_png(photos / 'a.png', random_photo(rng, 67, 91))
+    save_png(photos / 'b.png', random_photo(rng, 90, 75)[..., 1])  # grayscale
+    rgba = np.concatenate([random_photo(rng, 70, 101), np.full((70, 101, 1), 128, np.uint8)], -1)
+    save_png(photos / 'c.png', rgba)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(random_photo(rng, 75, 99)).save(photos / 'd.jpg', exif=exif)  # shown 99x75
+    (photos / 'e.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
+    save_png(photos / 'f.png', random_photo(rng, 80, 80))  # no depth map for this one
+    (photos / 'notes.txt').write_text('not a photo')
+    save_png(depths / 'a.png', rng.integers(0, 256, (33, 45)).astype(np.uint8))  # half res
+    save_png(depths / 'b.png', rng.integers(0, 65536, (90, 75)).astype(np.uint16))  # full, 16 bit
+    save_png(depths / 'c.png', rng.integers(0, 256, (14, 20)).astype(np.uint8))  # low res
+    save_png(depths / 'd.png', rng.integers(0, 256, (49, 37)).astype(np.uint8))
+    save_png(depths / 'e.png', rng.integers(0, 256, (40, 40)).astype(np.uint8))
+
+    args = (
+        '--config=configs/default.py:tiny',
+        f'--workdir={workdir}',
+        f'--input={photos}',
+        f'--depth={depths}',
+        f'--output={out}',
+    )
+    result = launch(*args)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert '2 of 6 photo(s) failed' in result.stderr, result.stderr[-3000:]
+    assert f'{photos / "e.jpg"}: cannot read the photo' in result.stderr
+    assert f'its depth map {depths / "f.png"} does not exist' in result.stderr
+    assert 'notes.txt' in result.stderr  # named as not rendered
+    assert sorted(os.listdir(out)) == ['a.png', 'b.png', 'c.png', 'd.jpg']
+    for name in os.listdir(out):
+        with Image.open(out / name) as image:
+            assert image.mode == 'RGB' and image.size[::-1] == shown[name], name
+        assert f'{photos / name} ({shown[name][1]}x{shown[name][0]}) -> {out / name}: ' in (
+            result.stdout
+        )
+    # The file is the library's render of the same photo and depth, rounded to 8 bits.
+    expected = render.render_full_resolution(
+        params,
+        render.read_photo(str(photos / 'a.png')),
+        render.read_depth(str(depths / 'a.png')),
+        max_tile=TINY_MAX_TILE,
+    )
+    got = np.asarray(Image.open(out / 'a.png'), np.float32)
+    assert np.abs(got - expected * 255).max() <= 0.5 + 1e-3
+
+    # A second run refuses to overwrite, before rendering anything.
+    before = (out / 'a.png').read_bytes()
+    result = launch(*args)
+    assert result.returncode != 0 and '--overwrite' in result.stderr, result.stderr[-3000:]
+    assert (out / 'a.png').read_bytes() == before
+
+
+def test_launch_explains_missing_depth(tmp_path, workdir):
+    photo = save_png(tmp_path / 'p.png', random_photo(np.random.default_rng(10), 40, 40))
+    result = launch(f'--workdir={workdir}', f'--input={photo}', f'--output={tmp_path}/o.png')
+    assert result.returncode != 0
+    assert '--depth=PATH' in result.stderr and 'builder_config=rgb' in result.stderr
+    assert not os.path.exists(tmp_path / 'o.png')
+
+
+def test_render_paths_single_photo_with_overwrite(tmp_path, workdir):
+    photo = save_png(tmp_path / 'p.png', random_photo(np.random.default_rng(11), 81, 97))
+    depth = save_png(tmp_path / 'p_depth.png', np.full((40, 48), 7, np.uint8))  # constant map
+    output = tmp_path / 'p_bokeh.jpg'
+    output.write_bytes(b'old')
+    config = default.get_config('tiny')
+    render.render_paths(config, workdir, photo, depth, str(output), overwrite=True)
+    with Image.open(output) as image:
+        assert image.format == 'JPEG' and image.size == (97, 81)
+
+
+def test_render_paths_refuses_bad_config_and_workdirs(tmp_path, params):
+    photo = save_png(tmp_path / 'p.png', random_photo(np.random.default_rng(12), 40, 40))
+    config = default.get_config('tiny')
+    args = (photo, None, str(tmp_path / 'o.png'))
+    with config.unlocked():
+        config.render.max_tile = 100
+    with pytest.raises(render.RenderError, match='config.render.max_tile'):
+        render.render_paths(config, str(tmp_path), *args)
+    config = default.get_config('tiny')
+    with pytest.raises(render.RenderError, match='No trained parameters'):
+        render.render_paths(config, str(tmp_path / 'empty'), *args)
+    checkpoint.save_params(str(tmp_path), 3, params, {'channels': CHANNELS, 'input_channels': 4})
+    with pytest.raises(render.RenderError, match='of level 3; rendering needs level 1'):
+        render.render_paths(config, str(tmp_path), *args)
