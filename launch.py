@@ -2,12 +2,23 @@
 
   python launch.py --mode=MODE --config=configs/default.py[:VARIANT] --workdir=DIR [--config.x.y=v]
 
+With no flags it is the demo (`make demo`): --mode=train --config=configs/default.py:demo
+--workdir=workdir/demo. The paper's recipe is --config=configs/default.py.
+
 Modes:
+  train     coarse-to-fine training of every level in config.train.order, resuming from WORKDIR;
+            ends with the eval mode on the finest level trained (config.train.final_eval)
   summary   parameters per group / output path and forward FLOPs (--input_size=HxW)
   convert   import the released TF1 checkpoint: --tf_checkpoint=PREFIX, writes WORKDIR/params/level_1
+  eval      score WORKDIR's params on config.data.eval_split, with the identity and classical
+            baselines: writes WORKDIR/eval/<split>_level<K>_<protocol>/ (CSV, JSON, grid.png)
+  bench     speed of the forward pass, train steps and rendering against the TF / PyTorch peers
+            (config.bench): prints tables, writes WORKDIR/bench.json
+  render    full-resolution bokeh of a photo or a folder with WORKDIR's level-1 params:
+            --input=PHOTO|FOLDER [--depth=MAP|FOLDER] --output=FILE|FOLDER [--overwrite]
+            (config.render; depth: any resolution, near = bright)
 """
 
-import json
 import os
 import sys
 
@@ -16,16 +27,28 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config',
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py'),
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py:demo'),
     'Experiment config file, optionally with :VARIANT.',
     lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string('workdir', 'workdir', 'Directory for checkpoints, logs and results.')
-_MODE = flags.DEFINE_string('mode', 'summary', 'What to run; see the module docstring.')
+_WORKDIR = flags.DEFINE_string('workdir', 'workdir/demo', 'Directory for checkpoints, logs and results.')
+_MODE = flags.DEFINE_string('mode', 'train', 'What to run; see the module docstring.')
 _TF_CHECKPOINT = flags.DEFINE_string('tf_checkpoint', None, 'convert: TF1 checkpoint prefix.')
 _INPUT_SIZE = flags.DEFINE_string(
     'input_size', '512x768', 'summary: model input size HxW (half the photo size).'
 )
+_INPUT = flags.DEFINE_string('input', None, 'render: a photo (JPEG/PNG) or a folder of photos.')
+_DEPTH = flags.DEFINE_string(
+    'depth', None, 'render: depth map of the photo, or a folder with <name>.png per photo.'
+)
+_OUTPUT = flags.DEFINE_string(
+    'output', None, 'render: output image (format from its extension) or folder.'
+)
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'render: replace existing outputs.')
+
+
+# Training stopped by SIGTERM/SIGINT after saving its state: re-run the same command to resume.
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL
 
 
 def _parse_size(text: str, flag: str) -> tuple[int, int]:
@@ -60,9 +83,48 @@ def run_convert(config, workdir: str) -> None:
     )
 
 
+def run_train(config, workdir: str) -> None:
+    from bokeh_jax import train
+
+    try:
+        train.train_and_evaluate(config, workdir)
+    except train.Interrupted as e:
+        print(e)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def run_eval(config, workdir: str) -> None:
+    from bokeh_jax import evaluate
+
+    evaluate.run(config, workdir)
+
+
+def run_render(config, workdir: str) -> None:
+    from bokeh_jax import render
+
+    if not (_INPUT.value and _OUTPUT.value):
+        raise app.UsageError('--mode=render needs --input=PHOTO_OR_FOLDER and --output=PATH')
+    try:
+        render.render_paths(
+            config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value
+        )
+    except render.RenderError as e:
+        sys.exit(f'render failed: {e}')
+
+
+def run_bench(config, workdir: str) -> None:
+    from bokeh_jax.bench import harness
+
+    harness.run(config, workdir)
+
+
 MODES = {
+    'eval': run_eval,
+    'train': run_train,
     'summary': run_summary,
     'convert': run_convert,
+    'bench': run_bench,
+    'render': run_render,
 }
 
 

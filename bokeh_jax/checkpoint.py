@@ -56,6 +56,14 @@ def save_params(workdir: str, level: int, params: Any, meta: dict) -> str:
     return path
 
 
+def read_meta(workdir: str, level: int) -> dict:
+    """The JSON metadata of `level`'s parameters (no weights are read)."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(
+            params_dir(workdir, level), ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored['meta']
+
+
 def load_params(workdir: str, level: int | None = None) -> tuple[Any, dict]:
     """Reads finished parameters: those of `level`, or of the finest level saved when None.
 
@@ -75,8 +83,8 @@ def load_params(workdir: str, level: int | None = None) -> tuple[Any, dict]:
         raise FileNotFoundError(
             f'No parameters for level {level} at {path!r} (saved levels: {levels})'
         )
+    meta = read_meta(workdir, level)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        meta = checkpointer.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
         expected = model_lib.param_shapes(meta['channels'], meta['input_channels'])
         target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected)
         try:

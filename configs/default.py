@@ -4,7 +4,8 @@ Every number of the recipe is a field here; variants derive from this file. Pick
 `--config=configs/default.py:ARG` and override any field with `--config.a.b=value`, e.g.
 `--config.train.level3.steps=100` or `--config.model.channels=16`.
 
-Variants (ARG): none = the paper on EBB!; `tiny` = a seconds-long smoke run on the synthetic set.
+Variants (ARG): none = the paper on EBB!; `demo` = `make demo`, all levels on the synthetic set
+in minutes on a CPU; `tiny` = a seconds-long smoke run for tests.
 """
 
 import ml_collections
@@ -52,6 +53,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.crop_size = 512  # side of the half-resolution input patch; target patch is 2x
     config.data.num_workers = 2  # grain worker processes for decoding/cropping (0 = in-process)
     config.data.prefetch = 2  # batches prepared ahead of the train step
+    config.data.depth_dir = ''  # ebb: folder of <id>.png depth maps; '' = <layout>/original_depth
+    config.data.skip_bad = False  # ebb: skip (and list) unusable pairs instead of stopping
+    # synthetic_bokeh: what is generated (scene i of a split is a function of seed, split, i);
+    # photo sides must be multiples of 64. A copy on disk made with other values is regenerated.
+    config.data.synthetic = ml_collections.ConfigDict(
+        {'num_train': 300, 'num_validation': 40, 'height': 256, 'width': 384, 'seed': 0}
+    )
 
     config.train = ml_collections.ConfigDict()
     config.train.order = PAPER_LEVEL_ORDER  # levels trained one after another
@@ -71,19 +79,63 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 1000
     config.train.eval_every = 0  # 0 = evaluate at the end of each level only
     config.train.image_every = 1000  # TensorBoard image summaries
-    config.train.distributed = 'auto'  # 'auto' (on a TPU VM/cluster env), 'yes', 'no'
+    config.train.final_eval = True  # the eval mode on the finest trained level at the end
+    config.train.keep_checkpoints = 3  # resumable checkpoints kept in WORKDIR/checkpoints
+    config.train.init_from = ''  # a workdir whose finest params/level_K start training (fine-tuning)
+    config.train.distributed = 'auto'  # jax.distributed: 'auto' (TPU VM / cluster env), 'yes', 'no'
+
+    # jax.distributed.initialize arguments; empty coordinator = detect from the environment.
+    config.dist = ml_collections.ConfigDict()
+    config.dist.coordinator_address = ''  # e.g. '10.0.0.1:1234'
+    config.dist.num_processes = 1
+    config.dist.process_id = 0
+    config.dist.cpu_collectives = ''  # 'gloo' for multi-process CPU runs (tests)
+    config.dist.initialization_timeout = 300  # seconds
+    config.dist.heartbeat_timeout = 100  # seconds
 
     config.eval = ml_collections.ConfigDict()
     config.eval.protocol = 'pynet'  # 'pynet' (cut a 32-pixel border, as the original) or 'full'
-    config.eval.batch_size = 1  # per device; whole images
+    config.eval.level = 1  # paper level whose output is scored (1 = finest, full resolution)
+    config.eval.params_level = 0  # WORKDIR/params/level_K to load; 0 = the finest one saved
     config.eval.lpips_weights = ''  # .npz with LPIPS weights; '' = LPIPS not reported
     config.eval.max_images = 0  # 0 = the whole split
+    # Scored like the model: 'identity' (the sharp photo) and 'classical' (thin-lens renderer,
+    # about 1-3 s per EBB! photo on a CPU core; needs depth maps).
+    config.eval.baselines = ('identity', 'classical')
+    config.eval.grid_images = 4  # grid.png shows this many worst and best images (by PSNR)
+    config.eval.grid_tile = 256  # height in pixels of one image in grid.png
 
+    # `--mode=render` (bokeh_jax/render.py): full-resolution photos, any size.
     config.render = ml_collections.ConfigDict()
-    config.render.max_tile = 1024  # tile side (input pixels) for the fine levels 1-3; 0 = untiled
+    # Largest side, in model-input (half-resolution) pixels and halo included, of the tiles levels
+    # 1-3 run on; bounds their memory. >= 224 (the halo takes 222); 0 = one untiled pass. At 2048 a
+    # 24-megapixel photo takes 2 tiles and peaks at about 3.5 GB on CPU (2.4 GB in the global pass).
+    config.render.max_tile = 2048
     config.render.pad_mode = (
         'reflect'  # pad to a multiple of 32 ('reflect'), or 'crop' as the original
     )
+    # Depth maps are stretched to 0..255 near = bright (the paper's convention); set this for
+    # metric depth, where large values are far.
+    config.render.depth_far_is_bright = False
+    config.render.jpeg_quality = 95  # for .jpg/.jpeg outputs
+
+    # `--mode=bench` (bokeh_jax/bench/harness.py): speed against the TF / PyTorch peers.
+    config.bench = ml_collections.ConfigDict()
+    config.bench.forward_size = '512x768'  # model input HxW of the forward pass (output is 2x)
+    config.bench.forward_dtypes = ('float32',)  # add 'bfloat16' on GPU/TPU
+    config.bench.train_levels = (1, 3)  # train steps to time (paper levels)
+    config.bench.train_batches = (1,)  # batch sizes of each train step; the paper's L1 batch is 5
+    config.bench.patch = 512  # input patch side of the train steps (the paper's crop)
+    config.bench.train_step = 'auto'  # 'project' (train.make_train_step), 'self', 'auto'
+    config.bench.render = True  # time render.render_full_resolution when render.py exists
+    config.bench.render_size = '1024x1536'  # photo size (full resolution) for the render row
+    config.bench.per_level = True  # forward time spent in each level, against the peers
+    config.bench.profile = False  # time every distinct conv shape of the forward pass
+    config.bench.profile_top = 20  # rows of that profile to print
+    config.bench.repeats = 3  # timed calls per figure (after warm-up), JAX and peers alternating
+    config.bench.warmup = 1
+    config.bench.peers = ('tf', 'torch')  # those installed run beside JAX
+    config.bench.output = 'bench.json'  # written in the workdir
 
     if arg:
         for variant in arg.split(','):
@@ -101,6 +153,8 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
     config.data.name = 'synthetic_bokeh'
     config.data.crop_size = 64
     config.data.num_workers = 0
+    config.data.eval_split = 'validation'  # synthetic_bokeh has train and validation
+    config.data.synthetic.update({'num_train': 8, 'num_validation': 4, 'height': 128, 'width': 192})
     for level in PAPER_LEVEL_ORDER:
         cfg = config.train[f'level{level}']
         cfg.steps = 2
@@ -113,4 +167,34 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
     config.render.max_tile = 256
 
 
-VARIANTS = {'tiny': _tiny}
+# Demo schedule: (steps, global batch) per level. Short, so most steps go to the fine levels
+# that make the full-resolution image.
+DEMO_SCHEDULE = {7: (150, 8), 6: (150, 8), 5: (200, 8), 4: (200, 8), 3: (300, 4), 2: (300, 4),
+                 1: (400, 4)}
+
+
+def _demo(config: ml_collections.ConfigDict) -> None:
+    """`make demo`: all seven levels on the synthetic set, on a laptop CPU in minutes.
+
+    Deviations from the paper, all for time: width 8, 64-pixel crops, a few hundred steps per
+    level, a 10x higher learning rate, and no VGG term (its ImageNet weights are a download).
+    """
+    config.model.channels = 8
+    config.data.name = 'synthetic_bokeh'
+    config.data.crop_size = 64
+    config.data.num_workers = 0
+    config.data.eval_split = 'validation'
+    config.data.data_dir = 'workdir/tensorflow_datasets'  # inside the checkout
+    for level, (steps, batch) in DEMO_SCHEDULE.items():
+        cfg = config.train[f'level{level}']
+        cfg.steps, cfg.batch_size = steps, batch
+        cfg.learning_rate = 5e-4
+        cfg.loss.vgg = 0.0
+    config.train.log_every = 25
+    config.train.checkpoint_every = 100
+    config.train.image_every = 100
+    config.eval.max_images = 0
+    config.render.max_tile = 512
+
+
+VARIANTS = {'tiny': _tiny, 'demo': _demo}

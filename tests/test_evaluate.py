@@ -9,8 +9,6 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +26,8 @@ from bokeh_jax import input_pipeline
 from bokeh_jax import lpips
 from bokeh_jax import model as model_lib
 from configs import default
+import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHANNELS = 4
 # Synthetic set: 3 validation scenes of 192 x 256, so that 2 devices see a padding entry, the
 # full frame fits MS-SSIM (>= 161 px) and the pynet border crop (128 px left) does not.
@@ -51,9 +49,7 @@ def synthetic_config(data_dir, **eval_fields):
 
 
 def launch(*args):
-    env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return helpers.launch(*args, check=False)
 
 
 def save_random_params(workdir, level: int = 1, seed: int = 0, **meta) -> dict:

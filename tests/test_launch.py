@@ -1,34 +1,14 @@
 """launch.py through real subprocesses: summary, convert, and clear failures."""
 
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
 
 import tf_checkpoints
+from helpers import launch
 from bokeh_jax import checkpoint, convert
 from bokeh_jax import model as model_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def launch(*args, check=True):
-    env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'launch.py'), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f'launch.py {args} failed:\n{result.stdout}\n{result.stderr[-3000:]}')
-    return result
-
 
 def test_summary_mode():
     result = launch(

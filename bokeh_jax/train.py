@@ -1,0 +1,534 @@
+"""Coarse-to-fine training of PyNET (SPEC "Training recipe"), read top to bottom.
+
+Levels run in `config.train.order` (paper: 7, 6, ..., 1), each for its own steps, batch size,
+learning rate and loss weights, each starting from the parameters the previous level ended with.
+One `jax.pmap`-ped step per level; gradients and metrics are averaged over all devices of all
+processes with `lax.pmean`. The trainable subset is declarative: `trainable_mask` labels every
+parameter from its path, and the optimizer zeroes the updates of the rest.
+
+Workdir layout:
+  checkpoints/<global step>/   resumable state (orbax CheckpointManager): params, Adam state, meta
+  params/level_K/              the final parameters of every finished level (checkpoint.py)
+  metrics.jsonl, tensorboard/  logs (process 0 only)
+
+Re-running the same command resumes: finished levels are skipped, the current level restarts at
+its last checkpoint, and the input pipeline serves the batch of (seed, level, step), so the result
+equals an uninterrupted run. SIGTERM / SIGINT save a checkpoint and exit cleanly; a NaN or Inf
+loss stops the run with an error and leaves the last good checkpoint untouched.
+
+The model has no stochastic layers: all randomness of training is the data sampling, which the
+input pipeline derives from (config.seed, level, step). That is what makes resumption exact.
+"""
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from bokeh_jax import checkpoint as checkpoint_lib
+from bokeh_jax import image_ops
+from bokeh_jax import input_pipeline
+from bokeh_jax import losses
+from bokeh_jax import metrics as metrics_lib
+from bokeh_jax import model as model_lib
+
+AXIS = 'batch'
+LOSS_TERMS = ('mae', 'vgg', 'ssim')
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def level_config(config: ml_collections.ConfigDict, level: int) -> ml_collections.ConfigDict:
+    return config.train[f'level{level}']
+
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
+    """Rejects a config that cannot train, naming the field, before anything is compiled."""
+    order = tuple(config.train.order)
+    if not order or any(level not in model_lib.LEVELS for level in order):
+        raise ValueError(f'config.train.order must list levels from {model_lib.LEVELS}, got {order}')
+    if any(a <= b for a, b in zip(order, order[1:])):
+        raise ValueError(f'config.train.order must go from coarse to fine (strictly decreasing, '
+                         f'e.g. (7, 6, 5, 4, 3, 2, 1)), got {order}')
+    crop = config.data.crop_size
+    if not isinstance(crop, int) or crop <= 0 or crop % model_lib.SIZE_MULTIPLE:
+        raise ValueError(f'config.data.crop_size must be a positive multiple of '
+                         f'{model_lib.SIZE_MULTIPLE}, got {crop!r}')
+    if config.train.trainable not in ('path', 'level'):
+        raise ValueError(f"config.train.trainable must be 'path' or 'level', "
+                         f'got {config.train.trainable!r}')
+    for level in order:
+        cfg, name = level_config(config, level), f'config.train.level{level}'
+        if not isinstance(cfg.steps, int) or cfg.steps <= 0:
+            raise ValueError(f'{name}.steps must be a positive integer, got {cfg.steps!r}')
+        if not isinstance(cfg.batch_size, int) or cfg.batch_size <= 0:
+            raise ValueError(f'{name}.batch_size must be a positive integer, '
+                             f'got {cfg.batch_size!r}')
+        if cfg.batch_size % device_count:
+            raise ValueError(f'{name}.batch_size={cfg.batch_size} is not divisible by the '
+                             f'{device_count} devices (all processes) that share it')
+        if not cfg.learning_rate > 0:
+            raise ValueError(f'{name}.learning_rate must be > 0, got {cfg.learning_rate!r}')
+        weights = {term: cfg.loss[term] for term in LOSS_TERMS}
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ValueError(f'{name}.loss weights must be >= 0 with at least one > 0, '
+                             f'got {weights}')
+    for key in ('log_every', 'checkpoint_every'):
+        if config.train[key] <= 0:
+            raise ValueError(f'config.train.{key} must be > 0, got {config.train[key]!r}')
+
+
+def needs_vgg(config: ml_collections.ConfigDict) -> bool:
+    return any(level_config(config, level).loss.vgg > 0 for level in config.train.order)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def trainable_mask(params: Any, level: int, mode: str) -> Any:
+    """Bool tree: True where a parameter is trained at `level`.
+
+    mode 'path': every parameter on the output path of `level` (the paper: coarser levels and the
+    encoder are fine-tuned too); 'level': only the group `level{level}`.
+    """
+    if mode == 'path':
+        keep = lambda path: model_lib.on_output_path(path, level)
+    else:
+        keep = lambda path: path[0] == f'level{level}'
+    return jax.tree_util.tree_map_with_path(lambda p, _: keep([k.key for k in p]), params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, level: int) -> optax.GradientTransformation:
+    """Adam at the level's learning rate; updates of frozen parameters are zeroed.
+
+    The state has the same structure at every level (Adam moments for all parameters; those never
+    reached by a gradient stay zero), which is what lets `fresh_optimizer_per_level=False` carry
+    the moments from one level to the next.
+    """
+    cfg = level_config(config, level)
+    frozen = lambda params: jax.tree.map(
+        lambda t: not t, trainable_mask(params, level, config.train.trainable))
+    return optax.chain(
+        optax.scale_by_adam(b1=config.train.adam_b1, b2=config.train.adam_b2,
+                            eps=config.train.adam_eps),
+        optax.scale(-cfg.learning_rate),
+        optax.masked(optax.set_to_zero(), frozen),
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # steps done at the current level
+    params: Any
+    opt_state: Any
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def make_train_step(model: model_lib.PyNET, level: int, loss_weights: dict[str, float],
+                    tx: optax.GradientTransformation) -> Callable:
+    """The per-device step: (state, batch, vgg_params) -> (state, metrics); run under pmap.
+
+    batch: {'input': float32 [b, c, c, C], 'target': float32 [b, s, s, 3]} on one device.
+    Metrics are averaged over all devices: each weighted loss term, the total, and PSNR of the
+    clipped output.
+    """
+    weights = {k: float(v) for k, v in loss_weights.items() if v > 0}
+
+    def loss_fn(params, batch, vgg_params):
+        output = model.apply({'params': params}, batch['input'], level=level)[level]
+        target = batch['target']
+        terms = {'mae': losses.mae(output, target)}
+        if 'ssim' in weights:
+            terms['ssim'] = losses.ssim_loss(output, target)
+        if 'vgg' in weights:
+            terms['vgg'] = losses.vgg_loss(vgg_params, output, target)
+        loss = sum(weights[k] * terms[k] for k in weights)
+        psnr = jnp.mean(metrics_lib.psnr(jnp.clip(output, 0.0, 1.0), target))
+        return loss, {'loss': loss, 'psnr': psnr, **terms}
+
+    def step(state: TrainState, batch: dict, vgg_params: Any):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, vgg_params)
+        grads = jax.lax.pmean(grads, AXIS)
+        metrics = jax.lax.pmean(metrics, AXIS)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """jax.distributed.initialize when asked for, or on a TPU VM / cluster when 'auto'."""
+    dist = config.train.distributed
+    if dist not in ('auto', 'yes', 'no'):
+        raise ValueError(f"config.train.distributed must be 'auto', 'yes' or 'no', got {dist!r}")
+    auto = dist == 'auto' and any(
+        k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+    if dist == 'no' or (dist == 'auto' and not auto):
+        return
+    kwargs = {}
+    if config.dist.coordinator_address:
+        kwargs = dict(coordinator_address=config.dist.coordinator_address,
+                      num_processes=config.dist.num_processes, process_id=config.dist.process_id)
+    if config.dist.cpu_collectives:
+        jax.config.update('jax_cpu_collectives_implementation', config.dist.cpu_collectives)
+    jax.distributed.initialize(initialization_timeout=config.dist.initialization_timeout,
+                               heartbeat_timeout_seconds=config.dist.heartbeat_timeout, **kwargs)
+
+
+def replicate(tree: Any) -> Any:
+    """One copy of every leaf on each local device, stacked on a leading axis, as pmap takes it.
+
+    Made by a pmap over the same axis name as the train step, so that the arrays carry exactly
+    the sharding the step returns (the mesh is named after the pmap axis): a state placed any
+    other way compiles the step a second time at its second call.
+    """
+    if not jax.tree.leaves(tree):
+        return tree
+    count = jax.local_device_count()
+    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count, *np.shape(x))), tree)
+    return jax.pmap(lambda x: x, axis_name=AXIS)(stacked)
+
+
+def unreplicate(tree: Any) -> Any:
+    """Host numpy copy of local device 0's replica (identical on every device after pmean)."""
+    # The first addressable shard is local device 0's [1, ...] slice; indexing x[0] instead would
+    # dispatch one gather per leaf (seconds for PyNET's 440 tensors and their Adam moments).
+    # A copy, not a view: the train step donates (overwrites) these buffers while an async
+    # checkpoint may still be writing the host arrays.
+    return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data[0]), tree)
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True if `flag` is set on any process (so that every process stops at the same step)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop saves and leaves at the next step boundary."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving its state; re-run the command to resume."""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                                 options=options, item_names=('state', 'meta'))
+
+
+def save_state(manager: ocp.CheckpointManager, global_step: int, state: TrainState,
+               meta: dict) -> None:
+    """Async save of the (replicated) state; every process must call it."""
+    host = unreplicate(state)
+    host = {'step': int(host.step), 'params': host.params, 'opt_state': host.opt_state}
+    manager.save(global_step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore_state(manager: ocp.CheckpointManager, global_step: int, like: TrainState) -> TrainState:
+    target = {'step': 0, 'params': like.params, 'opt_state': like.opt_state}
+    target = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), target)
+    restored = manager.restore(global_step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))['state']
+    return TrainState(step=np.int32(restored['step']), params=restored['params'],
+                      opt_state=restored['opt_state'])
+
+
+def latest_meta(manager: ocp.CheckpointManager) -> dict | None:
+    step = manager.latest_step()
+    if step is None:
+        return None
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    return {**meta, 'global_step': step}
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class Logger:
+    """Metrics JSONL, TensorBoard scalars/images and a progress bar; silent on processes > 0."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+            try:
+                from tensorboardX import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+            except ImportError:
+                logging.warning('tensorboardX is not installed: no TensorBoard logs')
+
+    def scalars(self, global_step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({'global_step': global_step, **record}) + '\n')
+        self.jsonl.flush()
+        if self.writer:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ('level', 'step'):
+                    self.writer.add_scalar(f'level{record.get("level", "")}/{key}', value,
+                                           global_step)
+
+    def images(self, global_step: int, level: int, images: dict[str, np.ndarray]) -> None:
+        if self.enabled and self.writer:
+            for name, image in images.items():
+                self.writer.add_image(f'level{level}/{name}', np.clip(image, 0, 1), global_step,
+                                      dataformats='HWC')
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.writer:
+                self.writer.close()
+
+
+def _progress(level: int, start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc=f'level {level}', disable=not enabled,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _prepare_dataset_once(config: ml_collections.ConfigDict) -> None:
+    """Builds the dataset if needed: process 0 first, the others once it is there."""
+    if jax.process_index() == 0:
+        input_pipeline.prepare_dataset(config)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('bokeh_jax: dataset prepared')
+        if jax.process_index() > 0:
+            input_pipeline.prepare_dataset(config)
+
+
+def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tuple[Any, str]:
+    """Fresh parameters, or those of `config.train.init_from` (a workdir) for fine-tuning."""
+    if config.train.init_from:
+        params, meta = checkpoint_lib.load_params(config.train.init_from)
+        if (meta['channels'], meta['input_channels']) != (config.model.channels, input_channels):
+            raise ValueError(
+                f'config.train.init_from={config.train.init_from!r} holds PyNET(channels='
+                f'{meta["channels"]}, input_channels={meta["input_channels"]}), but the config '
+                f'asks for channels={config.model.channels}, input_channels={input_channels}')
+        return params, f'{config.train.init_from} (level {meta["level"]})'
+    model = model_lib.PyNET(config.model.channels)
+    return model_lib.init_params(model, jax.random.key(config.seed), input_channels), 'random'
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains every level of config.train.order in `workdir` (resuming), returns final metrics."""
+    maybe_initialize_distributed(config)
+    validate_config(config, jax.device_count())
+    vgg_params = None
+    if needs_vgg(config):
+        vgg_params = losses.load_vgg19(config.train.vgg_weights)  # fails before any compute
+    _prepare_dataset_once(config)
+
+    is_main = jax.process_index() == 0
+    input_channels = 4 if config.data.builder_config == 'rgbd' else 3
+    model = model_lib.PyNET(config.model.channels, dtype=jnp.dtype(config.model.dtype))
+    model_meta = {'channels': config.model.channels, 'input_channels': input_channels,
+                  'source': 'train'}
+    manager = checkpoint_manager(workdir, config)
+    logger = Logger(workdir, is_main)
+    order = tuple(config.train.order)
+    offsets = dict(zip(order, map(int, np.cumsum([0] + [level_config(config, k).steps
+                                                         for k in order]))))
+    vgg_replicated = replicate(vgg_params if vgg_params is not None else {})
+    latest = latest_meta(manager)
+    finished = {k for k in checkpoint_lib.saved_levels(workdir)
+                if checkpoint_lib.read_meta(workdir, k).get('source') == 'train'}
+
+    params, source = None, None
+    opt_state = None  # carried between levels when fresh_optimizer_per_level is False
+    summary = {}
+    try:
+        with StopRequest() as stop:
+            for level in order:
+                cfg = level_config(config, level)
+                tx = make_optimizer(config, level)
+                if level in finished:
+                    params, _ = checkpoint_lib.load_params(workdir, level)
+                    logging.info('Level %d already finished; skipping', level)
+                    opt_state = None
+                    continue
+                if params is None:
+                    params, source = initial_params(config, input_channels)
+                    logging.info('Initial parameters: %s', source)
+                if opt_state is None or config.train.fresh_optimizer_per_level:
+                    opt_state = tx.init(params)
+                state = TrainState(step=np.int32(0), params=params, opt_state=opt_state)
+                if latest is not None and latest.get('level') == level:
+                    state = restore_state(manager, latest['global_step'], state)
+                    logging.info('Resuming level %d at step %d', level, int(state.step))
+                state = _train_level(config, workdir, level, cfg, model, tx, state, manager,
+                                     offsets[level], vgg_replicated, logger, stop, model_meta)
+                params, opt_state = state.params, state.opt_state
+                checkpoint_lib.save_params(workdir, level, params,
+                                           {**model_meta, 'steps': cfg.steps})
+                summary[level] = _validate(config, params, model_meta, level, logger,
+                                           offsets[level] + cfg.steps)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        logger.close()
+    if config.train.final_eval:
+        summary['final'] = final_evaluation(config, workdir, order[-1])
+    return summary
+
+
+def final_evaluation(config: ml_collections.ConfigDict, workdir: str, level: int) -> dict:
+    """The eval mode on the finest trained level (files in WORKDIR/eval/), with both baselines."""
+    from bokeh_jax import evaluate
+
+    config = config.copy_and_resolve_references()
+    config.eval.level = level
+    config.eval.params_level = level
+    result = evaluate.run(config, workdir)
+    identity = (result['baselines'].get('identity') or {}).get('psnr')
+    if jax.process_index() == 0 and identity is not None and result.get('psnr') is not None:
+        print(f'Held-out {result["split"]} ({result["num_images"]} images), level {level}: '
+              f'PyNET {result["psnr"]:.2f} dB PSNR vs identity {identity:.2f} dB '
+              f'({result["psnr"] - identity:+.2f} dB)')
+    return result
+
+
+def _train_level(config, workdir, level, cfg, model, tx, state, manager, offset, vgg_params,
+                 logger, stop, model_meta) -> TrainState:
+    """Runs one level from state.step to cfg.steps; returns the host (unreplicated) state."""
+    start = int(state.step)
+    if start >= cfg.steps:
+        return state
+    step_fn = jax.pmap(make_train_step(model, level, dict(cfg.loss), tx), axis_name=AXIS,
+                       donate_argnums=(0,))
+    batches = input_pipeline.train_iterator(
+        config, level, start, batch_size=cfg.batch_size,
+        num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
+        process_count=jax.process_count())
+    meta = lambda step: {'level': level, 'level_step': step, **model_meta}
+    state = replicate(state)
+    bar = _progress(level, start, cfg.steps, logger.enabled)
+    last_saved, timer, images_seen = start, time.perf_counter(), 0
+    try:
+        for step in range(start, cfg.steps):
+            if all_processes_agree(stop.signal is not None):
+                if step != last_saved:
+                    save_state(manager, offset + step, state, meta(step))
+                manager.wait_until_finished()
+                raise Interrupted(f'Stopped by signal {stop.signal} at level {level} step {step}; '
+                                  f'state saved to {workdir}/checkpoints. Re-run to resume.')
+            batch = next(batches)
+            state, metrics = step_fn(state, batch, vgg_params)
+            metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(metrics['loss']):
+                raise FloatingPointError(
+                    f'Level {level} step {step}: loss is {metrics["loss"]} ({metrics}). Stopped; '
+                    f'the last good checkpoint (level step {last_saved}) is kept in '
+                    f'{workdir}/checkpoints. Try a lower config.train.level{level}.learning_rate.')
+            images_seen += cfg.batch_size
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f'{metrics["loss"]:.4f}', psnr=f'{metrics["psnr"]:.2f}')
+            if done % config.train.log_every == 0 or done == cfg.steps:
+                elapsed = time.perf_counter() - timer
+                logger.scalars(offset + done, {
+                    'level': level, 'step': done, **metrics,
+                    'steps_per_s': (images_seen / cfg.batch_size) / elapsed,
+                    'images_per_s': images_seen / elapsed})
+                timer, images_seen = time.perf_counter(), 0
+            if config.train.eval_every and done % config.train.eval_every == 0 and done < cfg.steps:
+                _validate(config, unreplicate(state.params), model_meta, level, logger, offset + done)
+            if config.train.image_every and done % config.train.image_every == 0:
+                _log_images(logger, model, state, batch, level, offset + done)
+            if done % config.train.checkpoint_every == 0 and done < cfg.steps:
+                save_state(manager, offset + done, state, meta(done))
+                last_saved = done
+        # The level's end is also a checkpoint, so fresh_optimizer_per_level=False can resume.
+        save_state(manager, offset + cfg.steps, state, meta(cfg.steps))
+    finally:
+        bar.close()
+        if hasattr(batches, 'close'):
+            batches.close()
+    host = unreplicate(state)
+    return TrainState(step=np.int32(host.step), params=host.params, opt_state=host.opt_state)
+
+
+def _log_images(logger: Logger, model, state, batch, level: int, global_step: int) -> None:
+    if not logger.enabled:
+        return
+    params = jax.tree.map(lambda x: x[0], state.params)
+    x = batch['input'][0, :1]
+    output = jax.jit(functools.partial(model.apply, level=level))({'params': params}, x)[level]
+    size = output.shape[1:3]
+    logger.images(global_step, level, {
+        'input': image_ops.resize(np.asarray(x[0, ..., :3]), size),
+        'target': batch['target'][0, 0], 'output': np.asarray(output[0])})
+
+
+def _validate(config, params, model_meta, level, logger, global_step) -> dict:
+    """Scores the level's output on the validation split (a few images; config.eval.max_images)."""
+    from bokeh_jax import evaluate
+
+    # Identity only: the classical renderer costs seconds per photo, too much at every level.
+    summary, _ = evaluate.evaluate_split(config, params, model_meta, config.data.eval_split,
+                                         level=level, max_images=config.eval.max_images or None,
+                                         baselines=('identity',))
+    flat = {f'val_{k}': v for k, v in _scalars(summary).items()}
+    logger.scalars(global_step, {'level': level, **flat})
+    logging.info('Level %d validation: %s', level, flat)
+    return summary
+
+
+def _scalars(tree: dict, prefix: str = '') -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_scalars(value, f'{prefix}{key}_'))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f'{prefix}{key}'] = value
+    return out

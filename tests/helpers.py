@@ -1,0 +1,47 @@
+"""Shared by the tests: running launch.py as a real subprocess, comparing parameter trees."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch_command(*args: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, 'launch.py'), *args]
+
+
+# Subprocesses share compiled programs through JAX's persistent cache (e.g. a resumed run
+# reuses the interrupted run's train step), which keeps the suite's compile time down.
+COMPILATION_CACHE = os.path.join(ROOT, '.jax_cache')
+
+
+def launch_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_COMPILATION_CACHE_DIR': COMPILATION_CACHE,
+           **extra}
+    if devices is not None:
+        env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    return env
+
+
+def launch(*args: str, check: bool = True, devices: int | None = None, timeout: int = 600,
+           **env: str) -> subprocess.CompletedProcess:
+    """Runs `python launch.py ARGS` in the repository root and returns the finished process."""
+    result = subprocess.run(launch_command(*args), cwd=ROOT, env=launch_env(devices, **env),
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f'launch.py {args} exited {result.returncode}:\n{result.stdout[-3000:]}'
+                             f'\n{result.stderr[-5000:]}')
+    return result
+
+
+def assert_trees_equal(a, b, what: str = '') -> None:
+    """Bit-identical parameter trees (same structure, same values); names every differing leaf."""
+    assert jax.tree.structure(a) == jax.tree.structure(b), what
+    differ = [jax.tree_util.keystr(path)
+              for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))
+              if not np.array_equal(np.asarray(x), np.asarray(y))]
+    assert not differ, f'{what}: {len(differ)} of {len(jax.tree.leaves(a))} leaves differ: {differ[:5]}'

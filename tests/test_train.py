@@ -1,0 +1,232 @@
+"""Training: trainable subsets, config checks, and real launch.py runs that are interrupted,
+resumed, and spread over two processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bokeh_jax import checkpoint, input_pipeline, train
+from bokeh_jax import model as model_lib
+from configs import default
+from helpers import ROOT, assert_trees_equal, launch, launch_command, launch_env
+
+
+def tiny_config(data_dir: str, **overrides):
+    config = default.get_config('tiny')
+    config.data.data_dir = data_dir
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split('.')
+        for name in parents:
+            target = target[name]
+        target[leaf] = value
+    return config
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('tfds'))
+    input_pipeline.prepare_dataset(tiny_config(path))
+    return path
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def _random_batch(level: int, crop: int = 64, devices: int = 2, per_device: int = 1):
+    rng = np.random.default_rng(level)
+    side = crop * 2 // 2 ** (level - 1)
+    return {'input': rng.random((devices, per_device, crop, crop, 4), np.float32),
+            'target': rng.random((devices, per_device, side, side, 3), np.float32)}
+
+
+@pytest.mark.parametrize('mode', ['path', 'level'])
+def test_frozen_parameters_do_not_change(mode):
+    level = 6
+    config = default.get_config('tiny')
+    config.train.trainable = mode
+    model = model_lib.PyNET(4)
+    params = model_lib.init_params(model, jax.random.key(0))
+    tx = train.make_optimizer(config, level)
+    state = train.TrainState(step=np.int32(0), params=params, opt_state=tx.init(params))
+    step = jax.pmap(train.make_train_step(model, level, {'mae': 100.0}, tx),
+                    axis_name=train.AXIS)
+    replicated = train.replicate(state)
+    for _ in range(2):
+        replicated, metrics = step(replicated, _random_batch(level), {})
+    after = train.unreplicate(replicated.params)
+    mask = train.trainable_mask(params, level, mode)
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), params, after)
+    leaves = jax.tree_util.tree_leaves_with_path(mask)
+    for (path, trainable), did_change in zip(leaves, jax.tree.leaves(changed)):
+        name = jax.tree_util.keystr(path)
+        if not trainable:
+            assert not did_change, f'frozen {name} changed'
+    # What is trained: level 6's own blocks always; the encoder and level 7's trunk only on the
+    # 'path' setting; never level 7's side head or anything finer.
+    assert changed['level6']['d3']['k3a']['conv']['kernel']
+    assert changed['encoder']['e1']['k3a']['conv']['kernel'] == (mode == 'path')
+    assert changed['level7']['d1']['k3a']['conv']['kernel'] == (mode == 'path')
+    assert not changed['level7']['head']['conv']['kernel']
+    assert not changed['level5']['d3']['k3a']['conv']['kernel']
+    assert np.isfinite(float(metrics['loss'][0]))
+
+
+def test_optimizer_state_has_the_same_structure_at_every_level():
+    config = default.get_config('tiny')
+    params = model_lib.init_params(model_lib.PyNET(4), jax.random.key(0))
+    structures = {jax.tree.structure(train.make_optimizer(config, k).init(params))
+                  for k in model_lib.LEVELS}
+    assert len(structures) == 1  # so fresh_optimizer_per_level=False can carry Adam moments
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('train.order', (7, 8), 'config.train.order must list levels'),
+    ('train.order', (6, 7), 'coarse to fine'),
+    ('train.level7.steps', 0, 'config.train.level7.steps must be a positive integer'),
+    ('train.level6.batch_size', 3, r'config.train.level6.batch_size=3 is not divisible by the 2'),
+    ('train.level7.batch_size', -2, 'config.train.level7.batch_size must be a positive'),
+    ('data.crop_size', 48, 'config.data.crop_size must be a positive multiple of 32'),
+    ('train.trainable', 'all', 'config.train.trainable'),
+    ('train.level7.learning_rate', 0.0, 'config.train.level7.learning_rate must be > 0'),
+])
+def test_bad_config_is_rejected_naming_the_field(field, value, message):
+    config = tiny_config('/nonexistent', **{field: value})
+    with pytest.raises(ValueError, match=message):
+        train.validate_config(config, device_count=2)
+
+
+def test_vgg_loss_without_weights_fails_before_training(tmp_path):
+    config = tiny_config(str(tmp_path / 'never_built'), **{'train.level7.loss.vgg': 0.1})
+    config.train.order = (7,)
+    with pytest.raises(ValueError, match='VGG-19 weights'):
+        train.train_and_evaluate(config, str(tmp_path / 'work'))
+    assert not os.path.exists(tmp_path / 'never_built')  # nothing was built or compiled
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    config = tiny_config(data_dir, **{'train.order': (7,), 'train.level7.steps': 20,
+                                      'train.level7.learning_rate': 1e30,
+                                      'train.checkpoint_every': 1})
+    workdir = str(tmp_path / 'work')
+    with pytest.raises(FloatingPointError, match=r'Level 7 step \d+: loss is nan'):
+        train.train_and_evaluate(config, workdir)
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+    assert steps and steps[-1] < 20
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        logged = [json.loads(line) for line in f]
+    assert all(np.isfinite(r['loss']) for r in logged)
+    assert checkpoint.saved_levels(workdir) == []  # the level never finished
+
+
+# ----------------------------------------------------------------------------- launch.py runs
+
+# Two levels, enough steps at level 6 for a signal to land in the middle of it.
+RUN_STEPS = {7: 3, 6: 30}
+
+
+def train_args(data_dir: str, workdir: str) -> list[str]:
+    return ['--mode=train', '--config=configs/default.py:tiny', f'--workdir={workdir}',
+            f'--config.data.data_dir={data_dir}', '--config.train.order=(7, 6)',
+            f'--config.train.level7.steps={RUN_STEPS[7]}',
+            f'--config.train.level6.steps={RUN_STEPS[6]}',
+            '--config.train.checkpoint_every=4', '--config.eval.max_images=2']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_dir, tmp_path_factory):
+    """One process, two devices, straight through."""
+    workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+    launch(*train_args(data_dir, workdir), devices=2)
+    return workdir
+
+
+def test_uninterrupted_run_writes_levels_logs_and_checkpoints(uninterrupted):
+    assert checkpoint.saved_levels(uninterrupted) == [6, 7]
+    params, meta = checkpoint.load_params(uninterrupted)
+    assert meta['level'] == 6 and meta['channels'] == 4 and meta['source'] == 'train'
+    with open(os.path.join(uninterrupted, 'metrics.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    steps = [(r['level'], r['step']) for r in records if 'loss' in r]
+    assert steps == [(7, s) for s in range(1, 4)] + [(6, s) for s in range(1, 31)]
+    assert any('val_psnr' in ' '.join(r) for r in records)
+    assert os.listdir(os.path.join(uninterrupted, 'tensorboard'))
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(data_dir, uninterrupted, tmp_path):
+    workdir = str(tmp_path / 'interrupted')
+    args = train_args(data_dir, workdir)
+    log = open(tmp_path / 'interrupted.log', 'w+')  # a file: a full pipe would stall the run
+    process = subprocess.Popen(launch_command(*args), cwd=ROOT, env=launch_env(2), stdout=log,
+                               stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    deadline = time.time() + 400
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                if any(json.loads(line).get('level') == 6 for line in f if line.strip()):
+                    break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+    log.seek(0)
+    out = log.read()
+    log.close()
+    assert process.returncode == 75, out[-3000:]  # saved and asked to be re-run
+    assert 'Re-run to resume' in out
+    assert checkpoint.saved_levels(workdir) == [7]
+
+    result = launch(*args, devices=2)
+    assert 'already finished' in result.stderr or 'Resuming level 6' in result.stderr
+    for level in (7, 6):
+        resumed, _ = checkpoint.load_params(workdir, level)
+        reference, _ = checkpoint.load_params(uninterrupted, level)
+        assert_trees_equal(resumed, reference, f'level {level}')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_on_two_devices(data_dir, uninterrupted, tmp_path):
+    workdir = str(tmp_path / 'multihost')
+    port = _free_port()
+    processes, logs = [], []
+    for process_id in (0, 1):
+        args = [*train_args(data_dir, workdir), '--config.train.distributed=yes',
+                f'--config.dist.coordinator_address=127.0.0.1:{port}',
+                '--config.dist.num_processes=2', f'--config.dist.process_id={process_id}',
+                '--config.dist.cpu_collectives=gloo', '--config.dist.initialization_timeout=60',
+                '--config.dist.heartbeat_timeout=30']
+        # Output goes to files: a full pipe would block one process inside a collective.
+        logs.append(open(tmp_path / f'process{process_id}.log', 'w+'))
+        processes.append(subprocess.Popen(
+            launch_command(*args), cwd=ROOT, env=launch_env(1), stdout=logs[-1],
+            stderr=subprocess.STDOUT, text=True))
+    try:
+        for p in processes:
+            p.wait(timeout=500)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(processes, logs):
+        log.seek(0)
+        assert p.returncode == 0, log.read()[-4000:]
+        log.close()
+    # Only process 0 logs.
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        assert sum(1 for line in f if '"loss"' in line) == sum(RUN_STEPS.values())
+    for level in (7, 6):
+        multi, _ = checkpoint.load_params(workdir, level)
+        single, _ = checkpoint.load_params(uninterrupted, level)
+        assert_trees_equal(multi, single, f'level {level}')
