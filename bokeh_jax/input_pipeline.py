@@ -52,7 +52,8 @@ def _builder_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Builder arguments (besides config, data_dir, file_format) from `config.data`."""
     data = config.data
     if data.name == 'synthetic_bokeh':
-        return {field: int(data.synthetic[field]) for field in _SYNTHETIC_FIELDS}
+        kwargs = {field: int(data.synthetic[field]) for field in _SYNTHETIC_FIELDS}
+        return {**kwargs, 'strength': float(data.synthetic.strength)}
     if data.name == 'ebb':
         return {'depth_dir': data.depth_dir, 'skip_bad': bool(data.skip_bad)}
     raise ValueError(f"config.data.name must be 'ebb' or 'synthetic_bokeh', got {data.name!r}")

@@ -52,12 +52,15 @@ class Generation:
       height, width: photo size; multiples of 64 so that the half-resolution model input is a
         multiple of 32.
       seed: scene i of split s is generated from (seed, s, i).
+      strength: blur disc diameter, as a fraction of the height, for |disparity - focus| = 1
+        (the aperture: larger is shallower depth of field).
     """
     num_train: int = 300
     num_validation: int = 40
     height: int = 256
     width: int = 384
     seed: int = 0
+    strength: float = scenes.STRENGTH
 
     def __post_init__(self):
         for field in ('height', 'width'):
@@ -71,8 +74,7 @@ class Generation:
                                  f'{getattr(self, field)}')
 
     def metadata(self) -> dict[str, int | float]:
-        return {**dataclasses.asdict(self), 'strength': scenes.STRENGTH,
-                'generator_version': GENERATOR_VERSION}
+        return {**dataclasses.asdict(self), 'generator_version': GENERATOR_VERSION}
 
 
 def feature_spec(with_depth: bool) -> tfds.features.FeaturesDict:
@@ -108,7 +110,7 @@ def make_example(generation: Generation, with_depth: bool, split: str, index: in
     """Scene `index` of `split` as a feature dict (a pure function of its arguments)."""
     rng = np.random.default_rng([generation.seed, _SPLIT_CODES[split], index])
     scene = scenes.make_scene(rng, generation.height, generation.width)
-    sharp, bokeh, depth = scenes.render_pair(scene)
+    sharp, bokeh, depth = scenes.render_pair(scene, generation.strength)
     example = {'id': f'{split}_{index:05d}', 'sharp': _encode(sharp, 'JPEG'),
                'bokeh': _encode(bokeh, 'JPEG')}
     if with_depth:
@@ -130,9 +132,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, num_train: int = Generation.num_train,
                  num_validation: int = Generation.num_validation, height: int = Generation.height,
-                 width: int = Generation.width, seed: int = Generation.seed, **kwargs):
+                 width: int = Generation.width, seed: int = Generation.seed,
+                 strength: float = Generation.strength, **kwargs):
         """Builder arguments besides TFDS's own: the fields of `Generation`."""
-        self.generation = Generation(num_train, num_validation, height, width, seed)
+        self.generation = Generation(num_train, num_validation, height, width, seed,
+                                     float(strength))
         super().__init__(**kwargs)
 
     @property
