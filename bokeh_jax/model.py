@@ -33,6 +33,8 @@ CREATION_ORDER = {
     'level2': ('up', 'logits'),
     'level1': ('up', 'head'),
 }
+# He et al.'s gain for leaky ReLU with slope 0.2: keeps activation variance through the layers.
+LEAKY_RELU_GAIN = float(np.sqrt(2.0 / (1.0 + 0.2**2)))
 # Width of level 2's transposed conv; a fixed number in the paper, not tied to the base width.
 LEVEL2_WIDTH = 8
 
@@ -100,8 +102,72 @@ class MultiBlock(nn.Module):
         return jnp.concatenate(outputs, axis=-1)
 
 
+# Kernel index (per spatial axis) of TF's 'SAME' stride-2 3x3 transposed conv that links output
+# phase p to tap d of the input padded by one in front (tap 0 = x[m-1], tap 1 = x[m]): an even
+# output 2m reads x[m-1] through kernel index 2 and x[m] through index 0, an odd output 2m+1 reads
+# only x[m], through index 1 (SPEC "up": implicit padding (2, 1) of the dilated input).
+_PHASE_TAPS = {(0, 0): 2, (0, 1): 0, (1, 1): 1}
+
+
+def subpixel_kernel(kernel: jax.Array) -> jax.Array:
+    """TF transposed-conv kernel [3, 3, out, in] -> 2x2 conv kernel [2, 2, in, 4*out].
+
+    Output channel (2a + b)*out + o of the 2x2 conv is output pixel (2m + a, 2n + b), channel o.
+    """
+    _, _, out, cin = kernel.shape
+    zeros = jnp.zeros((cin, out), kernel.dtype)
+    taps = []
+    for dy in (0, 1):
+        row = []
+        for dx in (0, 1):
+            phases = []
+            for a in (0, 1):
+                for b in (0, 1):
+                    iy, ix = _PHASE_TAPS.get((a, dy)), _PHASE_TAPS.get((b, dx))
+                    phases.append(zeros if iy is None or ix is None else kernel[iy, ix].T)
+            row.append(jnp.concatenate(phases, axis=-1))
+        taps.append(jnp.stack(row))
+    return jnp.stack(taps)
+
+
+def upsample2x(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """TF conv2d_transpose(x, kernel, stride 2, 'SAME'): [N, H, W, in] -> [N, 2H, 2W, out].
+
+    Computed as its sub-pixel equivalent, a stride-1 2x2 conv to the four output phases followed
+    by depth-to-space. nn.ConvTranspose lowers to a convolution over the zero-dilated input (four
+    times the positions, three quarters of them zeros), which XLA:CPU runs slower; on levels 2 and
+    1 the sub-pixel form measured ~20% faster forward and ~2x faster backward.
+    """
+    n, h, w, _ = x.shape
+    out = kernel.shape[2]
+    y = jax.lax.conv_general_dilated(
+        x,
+        subpixel_kernel(kernel),
+        (1, 1),
+        ((1, 0), (1, 0)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    y = y.reshape(n, h, w, 2, 2, out).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(n, 2 * h, 2 * w, out)
+
+
+class _TransposedKernel(nn.Module):
+    """The `kernel` [3, 3, out, in] of an up(n) layer, in TF's conv2d_transpose layout."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> jax.Array:
+        # As nn.ConvTranspose(transpose_kernel=True) creates it: same shape and initializer.
+        shape = (3, 3, self.features, in_features)
+        return self.param('kernel', nn.initializers.lecun_normal(), shape)
+
+
 class Upsample(nn.Module):
-    """up(n): 3x3 stride-2 transposed conv (TF 'SAME': exactly 2H x 2W), no bias, leaky ReLU."""
+    """up(n): 3x3 stride-2 transposed conv (TF 'SAME': exactly 2H x 2W), no bias, leaky ReLU.
+
+    The kernel keeps TF's conv2d_transpose layout [3, 3, out, in] under `conv/kernel`.
+    """
 
     features: int
     activation: bool = True
@@ -109,18 +175,64 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        # transpose_kernel=True takes TF's conv2d_transpose kernel layout [3, 3, out, in] as is.
-        x = nn.ConvTranspose(
-            self.features,
-            (3, 3),
-            strides=(2, 2),
-            padding='SAME',
-            use_bias=False,
-            transpose_kernel=True,
-            dtype=self.dtype,
-            name='conv',
-        )(x)
+        kernel = _TransposedKernel(self.features, name='conv')(x.shape[-1])
+        x = upsample2x(x.astype(self.dtype), kernel.astype(self.dtype))
         return leaky_relu(x) if self.activation else x
+
+
+# Input channels up to which a 3x3 head runs as a sum of shifted products instead of a conv: level
+# 1's head, on the RGB output of its transposed conv.
+_FEW_CHANNELS = 3
+
+
+def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+
+
+@jax.custom_vjp
+def conv3x3_few_channels(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'SAME' 3x3 conv of an NHWC input with a handful of channels (level 1's RGB head).
+
+    XLA:CPU's convolution runs such a layer at ~2 GFLOP/s (~0.1 s for a 1024 x 1536 image); nine
+    shifted multiply-adds per input channel fuse into one pass over memory instead (~10x faster).
+    The gradient is the convolution's: the same products written out are far slower to reverse.
+    """
+    _, h, w, c = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            window = padded[:, dy : dy + h, dx : dx + w, :]
+            for ci in range(c):
+                term = window[..., ci : ci + 1] * kernel[dy, dx, ci]
+                out = term if out is None else out + term
+    return out
+
+
+def _few_channels_fwd(x, kernel):
+    return conv3x3_few_channels(x, kernel), (x, kernel)
+
+
+def _few_channels_bwd(residuals, g):
+    return jax.vjp(_conv3x3, *residuals)[1](g)
+
+
+conv3x3_few_channels.defvjp(_few_channels_fwd, _few_channels_bwd)
+
+
+class _ConvParams(nn.Module):
+    """`kernel` [3, 3, in, out] and `bias` [out] of a 3x3 conv, as nn.Conv creates them."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param(
+            'kernel', nn.initializers.lecun_normal(), (3, 3, in_features, self.features)
+        )
+        return kernel, self.param('bias', nn.initializers.zeros, (self.features,))
 
 
 class Head(nn.Module):
@@ -130,7 +242,11 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Conv(3, (3, 3), padding='SAME', dtype=self.dtype, name='conv')(x)
+        kernel, bias = _ConvParams(3, name='conv')(x.shape[-1])
+        x, kernel, bias = (v.astype(self.dtype) for v in (x, kernel, bias))
+        if x.shape[-1] <= _FEW_CHANNELS:
+            return conv3x3_few_channels(x, kernel) + bias
+        return _conv3x3(x, kernel) + bias
 
 
 def _cat(*xs: jax.Array) -> jax.Array:
@@ -409,8 +525,10 @@ def init_params(
 ) -> Any:
     """All parameters of `model` (every level and side head): float32 numpy arrays.
 
-    Kernels ~ N(0, 1/fan_in) (fan_in = k*k*input channels of the layer), biases 0, instance-norm
-    scale 1 and shift 0. The shapes come from `model.init` traced abstractly; the values are drawn
+    Kernels ~ N(0, gain^2/fan_in) (He init for leaky ReLU 0.2, gain sqrt(2/1.04); fan_in = k*k*input
+    channels of the layer), biases 0, instance-norm scale 1 and shift 0. The paper does not state
+    its init; He's keeps the signal alive through level 3's ~20 norm-free layers, which with plain
+    1/fan_in shrinks the initial level-1 output to a near-constant image and slows early training. The shapes come from `model.init` traced abstractly; the values are drawn
     with numpy from `rng`, because compiling Flax's per-parameter threefry init for 440 tensors takes
     tens of seconds on CPU, far longer than the forward pass itself.
     """
@@ -424,7 +542,8 @@ def init_params(
         if names[-1] == 'kernel':
             # Conv [k, k, in, out]; transposed conv [3, 3, out, in] (TF layout): fan_in is k*k*in.
             fan_in = np.prod(leaf.shape[:2]) * leaf.shape[3 if names[-3].startswith('up') else 2]
-            return (generator.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+            std = LEAKY_RELU_GAIN / np.sqrt(fan_in)
+            return (generator.standard_normal(leaf.shape) * std).astype(np.float32)
         if names[-1] == 'scale':
             return np.ones(leaf.shape, np.float32)
         return np.zeros(leaf.shape, np.float32)
