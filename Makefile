@@ -22,7 +22,7 @@ demo: install
 	$(PY) launch.py --workdir=$(WORKDIR)
 
 test: install
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -rs --durations=15 tests
 
 bench: install
 	$(PY) launch.py --mode=bench --workdir=workdir/bench
