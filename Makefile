@@ -25,7 +25,7 @@ test: install
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -rs --durations=15 tests
 
 bench: install
-	$(PY) launch.py --mode=bench --workdir=workdir/bench
+	$(PY) launch.py --mode=bench --config=configs/default.py --workdir=workdir/bench
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache .jax_cache
