@@ -70,6 +70,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         raise ValueError(f"config.train.trainable must be 'path' or 'level', "
                          f'got {config.train.trainable!r}')
     for level in order:
+        if level_config(config, level).trainable not in ('', 'path', 'level'):
+            raise ValueError(f"config.train.level{level}.trainable must be '', 'path' or 'level', "
+                             f'got {level_config(config, level).trainable!r}')
+    for level in order:
         cfg, name = level_config(config, level), f'config.train.level{level}'
         if not isinstance(cfg.steps, int) or cfg.steps <= 0:
             raise ValueError(f'{name}.steps must be a positive integer, got {cfg.steps!r}')
@@ -118,8 +122,8 @@ def make_optimizer(config: ml_collections.ConfigDict, level: int) -> optax.Gradi
     the moments from one level to the next.
     """
     cfg = level_config(config, level)
-    frozen = lambda params: jax.tree.map(
-        lambda t: not t, trainable_mask(params, level, config.train.trainable))
+    mode = cfg.trainable or config.train.trainable
+    frozen = lambda params: jax.tree.map(lambda t: not t, trainable_mask(params, level, mode))
     return optax.chain(
         optax.scale_by_adam(b1=config.train.adam_b1, b2=config.train.adam_b2,
                             eps=config.train.adam_eps),

@@ -51,7 +51,7 @@ def _random_batch(level: int, crop: int = 64, devices: int = 2, per_device: int 
 def test_frozen_parameters_do_not_change(mode):
     level = 6
     config = default.get_config('tiny')
-    config.train.trainable = mode
+    config.train.level6.trainable = mode  # per level; overrides config.train.trainable
     model = model_lib.PyNET(4)
     params = model_lib.init_params(model, jax.random.key(0))
     tx = train.make_optimizer(config, level)
@@ -95,6 +95,7 @@ def test_optimizer_state_has_the_same_structure_at_every_level():
     ('train.level7.batch_size', -2, 'config.train.level7.batch_size must be a positive'),
     ('data.crop_size', 48, 'config.data.crop_size must be a positive multiple of 32'),
     ('train.trainable', 'all', 'config.train.trainable'),
+    ('train.level6.trainable', 'everything', 'config.train.level6.trainable must be'),
     ('train.level7.learning_rate', 0.0, 'config.train.level7.learning_rate must be > 0'),
 ])
 def test_bad_config_is_rejected_naming_the_field(field, value, message):
