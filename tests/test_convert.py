@@ -44,15 +44,7 @@ def test_tf_order_matches_the_release_shapes():
 
 
 def _tiny_values(channels=4, input_channels=4):
-    shapes = model_lib.param_shapes(channels, input_channels)
-    rng = np.random.default_rng(0)
-    values = []
-    for path in convert.tf_variable_paths(shapes):
-        leaf = shapes
-        for key in path:
-            leaf = leaf[key]
-        values.append(rng.standard_normal(leaf.shape).astype(np.float32))
-    return values
+    return tf_checkpoints.random_values(channels, input_channels, seed=0)
 
 
 def test_missing_variable_is_named(tmp_path):

@@ -26,14 +26,7 @@ def test_summary_mode():
 
 
 def test_convert_mode_writes_loadable_orbax_params(tmp_path):
-    shapes = model_lib.param_shapes(4)
-    rng = np.random.default_rng(1)
-    values = []
-    for path in convert.tf_variable_paths(shapes):
-        leaf = shapes
-        for key in path:
-            leaf = leaf[key]
-        values.append(rng.standard_normal(leaf.shape).astype(np.float32))
+    values = tf_checkpoints.random_values(4, 4, seed=1)
     prefix = tf_checkpoints.write_tf1_checkpoint(
         str(tmp_path / 'tf' / 'pynet_bokeh_level_0'), values
     )

@@ -41,3 +41,20 @@ def write_tf1_checkpoint(prefix: str, values: list[np.ndarray]) -> str:
             for variable, value in zip(variables, values):
                 variable.load(value, session)
             return saver.save(session, prefix)
+
+
+def random_values(channels: int = 4, input_channels: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """Random weights for PyNET(channels) in the release's variable order (via our converter's
+    path list: for error and round-trip tests, not for fidelity, which uses the fixture's order)."""
+    from bokeh_jax import convert
+    from bokeh_jax import model as model_lib
+
+    shapes = model_lib.param_shapes(channels, input_channels)
+    rng = np.random.default_rng(seed)
+    values = []
+    for path in convert.tf_variable_paths(shapes):
+        leaf = shapes
+        for key in path:
+            leaf = leaf[key]
+        values.append(rng.standard_normal(leaf.shape).astype(np.float32))
+    return values
