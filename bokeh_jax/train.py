@@ -45,6 +45,7 @@ from bokeh_jax import model as model_lib
 
 AXIS = 'batch'
 LOSS_TERMS = ('mae', 'vgg', 'ssim')
+LR_SCHEDULES = ('constant', 'cosine')
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -85,6 +86,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
                              f'{device_count} devices (all processes) that share it')
         if not cfg.learning_rate > 0:
             raise ValueError(f'{name}.learning_rate must be > 0, got {cfg.learning_rate!r}')
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f'{name}.lr_schedule must be one of {LR_SCHEDULES}, '
+                             f'got {cfg.lr_schedule!r}')
+        if not isinstance(cfg.warmup_steps, int) or not 0 <= cfg.warmup_steps < cfg.steps:
+            raise ValueError(f'{name}.warmup_steps must be an integer in [0, steps={cfg.steps}), '
+                             f'got {cfg.warmup_steps!r}')
         weights = {term: cfg.loss[term] for term in LOSS_TERMS}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ValueError(f'{name}.loss weights must be >= 0 with at least one > 0, '
@@ -114,22 +121,39 @@ def trainable_mask(params: Any, level: int, mode: str) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: keep([k.key for k in p]), params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, level: int) -> optax.GradientTransformation:
-    """Adam at the level's learning rate; updates of frozen parameters are zeroed.
+def trainable_mode(config: ml_collections.ConfigDict, level: int) -> str:
+    return level_config(config, level).trainable or config.train.trainable
 
-    The state has the same structure at every level (Adam moments for all parameters; those never
-    reached by a gradient stay zero), which is what lets `fresh_optimizer_per_level=False` carry
-    the moments from one level to the next.
+
+def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """The level's learning rate by step: constant (the paper), or a linear warm-up over
+    `warmup_steps` then a cosine decay to zero at the level's last step ('cosine')."""
+    if cfg.lr_schedule == 'constant':
+        return optax.constant_schedule(cfg.learning_rate)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), cfg.steps, end_value=0.0)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, level: int) -> optax.GradientTransformation:
+    """Adam at the level's learning rate (schedule); updates of frozen parameters are zeroed.
+
+    The state is (Adam moments, schedule step count, mask) with the same structure at every level
+    (moments for all parameters; those never reached by a gradient stay zero), which is what lets
+    `fresh_optimizer_per_level=False` carry the moments (`carry_moments`) from one level to the next.
     """
-    cfg = level_config(config, level)
-    mode = cfg.trainable or config.train.trainable
+    mode = trainable_mode(config, level)
     frozen = lambda params: jax.tree.map(lambda t: not t, trainable_mask(params, level, mode))
     return optax.chain(
         optax.scale_by_adam(b1=config.train.adam_b1, b2=config.train.adam_b2,
                             eps=config.train.adam_eps),
-        optax.scale(-cfg.learning_rate),
+        optax.scale_by_learning_rate(learning_rate(level_config(config, level))),
         optax.masked(optax.set_to_zero(), frozen),
     )
+
+
+def carry_moments(previous: Any, fresh: Any) -> Any:
+    """`fresh` optimizer state with the Adam moments of `previous` (the schedule restarts)."""
+    return (previous[0], *fresh[1:])
 
 
 @flax.struct.dataclass
@@ -143,16 +167,22 @@ class TrainState:
 
 
 def make_train_step(model: model_lib.PyNET, level: int, loss_weights: dict[str, float],
-                    tx: optax.GradientTransformation) -> Callable:
+                    tx: optax.GradientTransformation, trainable: Any = None) -> Callable:
     """The per-device step: (state, batch, vgg_params) -> (state, metrics); run under pmap.
 
     batch: {'input': float32 [b, c, c, C], 'target': float32 [b, s, s, 3]} on one device.
     Metrics are averaged over all devices: each weighted loss term, the total, and PSNR of the
-    clipped output.
+    clipped output. `trainable` (a bool tree like the params, None = all) limits differentiation
+    to those parameters: the rest get zero gradients without a backward pass through the layers
+    only they feed (training levels 2 and 1 alone then costs little more than a forward pass),
+    and only the trained gradients are averaged across devices.
     """
     weights = {k: float(v) for k, v in loss_weights.items() if v > 0}
 
     def loss_fn(params, batch, vgg_params):
+        if trainable is not None:
+            params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p),
+                                  params, trainable)
         output = model.apply({'params': params}, batch['input'], level=level)[level]
         target = batch['target']
         terms = {'mae': losses.mae(output, target)}
@@ -166,7 +196,10 @@ def make_train_step(model: model_lib.PyNET, level: int, loss_weights: dict[str, 
 
     def step(state: TrainState, batch: dict, vgg_params: Any):
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, vgg_params)
-        grads = jax.lax.pmean(grads, AXIS)
+        if trainable is None:
+            grads = jax.lax.pmean(grads, AXIS)
+        else:
+            grads = jax.tree.map(lambda g, t: jax.lax.pmean(g, AXIS) if t else g, grads, trainable)
         metrics = jax.lax.pmean(metrics, AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -406,6 +439,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     logging.info('Initial parameters: %s', source)
                 if opt_state is None or config.train.fresh_optimizer_per_level:
                     opt_state = tx.init(params)
+                else:
+                    opt_state = carry_moments(opt_state, tx.init(params))
                 state = TrainState(step=np.int32(0), params=params, opt_state=opt_state)
                 if latest is not None and latest.get('level') == level:
                     state = restore_state(manager, latest['global_step'], state)
@@ -448,8 +483,9 @@ def _train_level(config, workdir, level, cfg, model, tx, state, manager, offset,
     start = int(state.step)
     if start >= cfg.steps:
         return state
-    step_fn = jax.pmap(make_train_step(model, level, dict(cfg.loss), tx), axis_name=AXIS,
-                       donate_argnums=(0,))
+    trainable = trainable_mask(state.params, level, trainable_mode(config, level))
+    step_fn = jax.pmap(make_train_step(model, level, dict(cfg.loss), tx, trainable),
+                       axis_name=AXIS, donate_argnums=(0,))
     batches = input_pipeline.train_iterator(
         config, level, start, batch_size=cfg.batch_size,
         num_local_devices=jax.local_device_count(), process_index=jax.process_index(),

@@ -24,10 +24,14 @@ def level_config(level: int, steps: int, batch_size: int) -> ml_collections.Conf
         {
             'steps': steps,
             'batch_size': batch_size,  # global, split over all devices of all processes
-            'learning_rate': 5e-5,  # Adam, constant
-        # Which parameters train: 'path' (the level's output path, the paper) or 'level' (its
-        # own group only); '' = config.train.trainable.
-        'trainable': '',
+            'learning_rate': 5e-5,  # Adam
+            # 'constant' (the paper) or 'cosine': linear warm-up over warmup_steps, then a cosine
+            # decay to 0 at the level's last step.
+            'lr_schedule': 'constant',
+            'warmup_steps': 0,
+            # Which parameters train: 'path' (the level's output path, the paper) or 'level' (its
+            # own group only); '' = config.train.trainable.
+            'trainable': '',
             # Loss = mae * MAE + vgg * VGG19-relu5_4 MSE + ssim * (1 - SSIM), on the unclipped output.
             'loss': {
                 'mae': 10.0 if fine else 100.0,

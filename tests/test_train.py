@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from bokeh_jax import checkpoint, input_pipeline, train
@@ -56,13 +57,26 @@ def test_frozen_parameters_do_not_change(mode):
     params = model_lib.init_params(model, jax.random.key(0))
     tx = train.make_optimizer(config, level)
     state = train.TrainState(step=np.int32(0), params=params, opt_state=tx.init(params))
-    step = jax.pmap(train.make_train_step(model, level, {'mae': 100.0}, tx),
+    mask = train.trainable_mask(params, level, mode)
+    step = jax.pmap(train.make_train_step(model, level, {'mae': 100.0}, tx, mask),
                     axis_name=train.AXIS)
     replicated = train.replicate(state)
     for _ in range(2):
         replicated, metrics = step(replicated, _random_batch(level), {})
     after = train.unreplicate(replicated.params)
-    mask = train.trainable_mask(params, level, mode)
+    # Differentiating only the trained subset gives the gradients of differentiating everything
+    # (compared through plain SGD: Adam would blow rounding noise in zero gradients up to full
+    # steps).
+    frozen = jax.tree.map(lambda t: not t, mask)
+    sgd = optax.chain(optax.sgd(1.0), optax.masked(optax.set_to_zero(), frozen))
+    updated = []
+    for trainable in (mask, None):
+        step = jax.pmap(train.make_train_step(model, level, {'mae': 100.0}, sgd, trainable),
+                        axis_name=train.AXIS)
+        sgd_state = train.TrainState(step=np.int32(0), params=params, opt_state=sgd.init(params))
+        new_state, _ = step(train.replicate(sgd_state), _random_batch(level), {})
+        updated.append(train.unreplicate(new_state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), *updated)
     changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), params, after)
     leaves = jax.tree_util.tree_leaves_with_path(mask)
     for (path, trainable), did_change in zip(leaves, jax.tree.leaves(changed)):
@@ -87,6 +101,27 @@ def test_optimizer_state_has_the_same_structure_at_every_level():
     assert len(structures) == 1  # so fresh_optimizer_per_level=False can carry Adam moments
 
 
+def test_cosine_schedule_warms_up_and_decays_to_zero_and_carrying_keeps_only_the_moments():
+    config = default.get_config('tiny')
+    cfg = config.train.level3
+    cfg.update({'steps': 100, 'learning_rate': 1e-3, 'lr_schedule': 'cosine', 'warmup_steps': 10})
+    schedule = train.learning_rate(cfg)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(5e-4)
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(55)) == pytest.approx(5e-4, rel=1e-5)  # half-way down the cosine
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+    cfg.lr_schedule = 'constant'
+    assert float(train.learning_rate(cfg)(0)) == float(train.learning_rate(cfg)(99)) == 1e-3
+
+    params = model_lib.init_params(model_lib.PyNET(4), jax.random.key(0))
+    tx = train.make_optimizer(config, 3)
+    previous = tx.update(jax.tree.map(np.ones_like, params), tx.init(params), params)[1]
+    carried = train.carry_moments(previous, tx.init(params))
+    assert_trees_equal(carried[0], previous[0])  # Adam moments and their count
+    assert int(carried[1].count) == 0 and int(previous[1].count) == 1  # the schedule restarts
+
+
 @pytest.mark.parametrize('field, value, message', [
     ('train.order', (7, 8), 'config.train.order must list levels'),
     ('train.order', (6, 7), 'coarse to fine'),
@@ -97,6 +132,8 @@ def test_optimizer_state_has_the_same_structure_at_every_level():
     ('train.trainable', 'all', 'config.train.trainable'),
     ('train.level6.trainable', 'everything', 'config.train.level6.trainable must be'),
     ('train.level7.learning_rate', 0.0, 'config.train.level7.learning_rate must be > 0'),
+    ('train.level7.lr_schedule', 'linear', 'config.train.level7.lr_schedule must be one of'),
+    ('train.level7.warmup_steps', 2, r'config.train.level7.warmup_steps must be an integer in'),
 ])
 def test_bad_config_is_rejected_naming_the_field(field, value, message):
     config = tiny_config('/nonexistent', **{field: value})
