@@ -216,9 +216,9 @@ def evaluate(params: Any, batch: dict[str, jax.Array], lpips_params: Any, *,
 
 
 @functools.lru_cache(maxsize=None)
-def _pmapped_predict(channels: int, dtype: str, level: int):
+def _pmapped_predict(channels: int, dtype: str, level: int, conv_impl: str):
     # Cached so that periodic validation during training reuses the compiled program.
-    model = model_lib.PyNET(channels=channels, dtype=jnp.dtype(dtype))
+    model = model_lib.PyNET(channels=channels, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
     return jax.pmap(functools.partial(predict, model=model, level=level))
 
 
@@ -416,7 +416,8 @@ def evaluate_split(config: ml_collections.ConfigDict, params: Any, meta: dict, s
 
     Args:
       config: the experiment config: config.data (which data set; it must be prepared),
-        config.model.dtype, config.eval.protocol / lpips_weights / baselines / max_images.
+        config.model.dtype / conv_impl, config.eval.protocol / lpips_weights / baselines /
+        max_images.
       params: the PyNET tree, one copy (not replicated over devices).
       meta: at least `channels` and `input_channels` (checkpoint.load_params' meta).
       split: TFDS split name.
@@ -466,7 +467,8 @@ def _evaluate(config: ml_collections.ConfigDict, params: Any, meta: dict, split:
         process_count=jax.process_count())
     photos = (_Photos(config, split, int(config.eval.max_images))
               if len(methods) > 1 else None)
-    p_predict = _pmapped_predict(int(meta['channels']), str(config.model.dtype), level)
+    p_predict = _pmapped_predict(int(meta['channels']), str(config.model.dtype), level,
+                                 config.model.conv_impl)
     replicated = flax.jax_utils.replicate(params)
     lpips_params = flax.jax_utils.replicate(lpips_model.params if lpips_model else {})
     row_names = ['input'] + (['classical'] if 'classical' in methods else []) + ['output',

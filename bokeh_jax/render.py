@@ -294,10 +294,10 @@ def model_input(
 
 
 @functools.cache
-def _functions(channels: int, dtype: str) -> tuple[Callable, Callable, Callable]:
-    """Jitted (whole, coarse, fine_tile) for PyNET(channels, dtype); cached so they compile once per
-    shape for the life of the process."""
-    model = model_lib.PyNET(channels, dtype=jnp.dtype(dtype))
+def _functions(channels: int, dtype: str, conv_impl: str) -> tuple[Callable, Callable, Callable]:
+    """Jitted (whole, coarse, fine_tile) for PyNET(channels, dtype, conv_impl); cached so they
+    compile once per shape for the life of the process."""
+    model = model_lib.PyNET(channels, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
 
     @jax.jit
     def whole(params, x):
@@ -371,6 +371,7 @@ def render_model_input(
     channels: int,
     max_tile: int,
     dtype: str = 'float32',
+    conv_impl: str = 'xla',
 ) -> np.ndarray:
     """Level-1 output for a padded model input, cropped to out_hw: float32 [*out_hw, 3] in [0, 1].
 
@@ -378,9 +379,10 @@ def render_model_input(
       x: float32 [Hp, Wp, C] in [0, 1] (`model_input`).
       max_tile: 0 runs levels 1-3 in one pass; otherwise the largest side, in model-input pixels
         and halo included, of the crops they run on (memory of the fine levels ~ max_tile**2).
+      dtype, conv_impl: the model's computation dtype and convolutions (PyNET's attributes).
     """
     _check_max_tile(max_tile)
-    whole, coarse, fine_tile = _functions(channels, str(jnp.dtype(dtype)))
+    whole, coarse, fine_tile = _functions(channels, str(jnp.dtype(dtype)), conv_impl)
     params = jax.device_put(params)  # no copy when already on the device
     if max_tile == 0:
         out = np.asarray(whole(params, x[None]))[0, : out_hw[0], : out_hw[1]]
@@ -414,6 +416,7 @@ def render_full_resolution(
     pad_mode: str = 'reflect',
     depth_far_is_bright: bool = False,
     dtype: str = 'float32',
+    conv_impl: str = 'xla',
 ) -> np.ndarray:
     """Renders the bokeh version of a whole photo with level-1 PyNET parameters.
 
@@ -426,6 +429,7 @@ def render_full_resolution(
       max_tile: see `render_model_input`; 0 = untiled.
       pad_mode, depth_far_is_bright: see `model_input`.
       dtype: computation dtype.
+      conv_impl: what runs the convolutions, 'xla' or 'onednn' (PyNET.conv_impl).
 
     Returns:
       float32 [H, W, 3] in [0, 1] (with pad_mode 'crop': [2Hp, 2Wp, 3], see `model_input`).
@@ -441,7 +445,8 @@ def render_full_resolution(
         pad_mode=pad_mode,
         depth_far_is_bright=depth_far_is_bright,
     )
-    return render_model_input(params, x, out_hw, channels=channels, max_tile=max_tile, dtype=dtype)
+    return render_model_input(params, x, out_hw, channels=channels, max_tile=max_tile, dtype=dtype,
+                              conv_impl=conv_impl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,12 +565,13 @@ def plan_jobs(
 
 
 def _render_job(
-    params: Any, meta: dict, job: Job, cfg: ml_collections.ConfigDict, dtype: str
+    params: Any, meta: dict, job: Job, config: ml_collections.ConfigDict
 ) -> tuple[np.ndarray, float]:
     """Renders and writes one job; returns (photo, seconds spent rendering).
 
     Raises RenderError naming the file.
     """
+    cfg = config.render
     photo = read_photo(job.photo)
     depth = None
     if job.depth is not None:
@@ -588,7 +594,8 @@ def _render_job(
     except ValueError as e:  # photo too small for the pad mode, ...
         raise RenderError(f'{job.photo}: {e}') from None
     image = render_model_input(
-        params, x, out_hw, channels=meta['channels'], max_tile=cfg.max_tile, dtype=dtype
+        params, x, out_hw, channels=meta['channels'], max_tile=cfg.max_tile,
+        dtype=config.model.dtype, conv_impl=config.model.conv_impl
     )
     seconds = time.perf_counter() - start
     try:
@@ -645,7 +652,7 @@ def render_paths(
     failures, compiled = [], set()
     for job in tqdm.tqdm(jobs, desc='render', unit='photo', disable=len(jobs) == 1):
         try:
-            photo, seconds = _render_job(params, meta, job, cfg, config.model.dtype)
+            photo, seconds = _render_job(params, meta, job, config)
         except RenderError as e:
             failures.append(str(e))
             tqdm.tqdm.write(f'FAILED {e}', file=sys.stderr)

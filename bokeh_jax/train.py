@@ -408,7 +408,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     is_main = jax.process_index() == 0
     input_channels = 4 if config.data.builder_config == 'rgbd' else 3
-    model = model_lib.PyNET(config.model.channels, dtype=jnp.dtype(config.model.dtype))
+    model = model_lib.PyNET(config.model.channels, dtype=jnp.dtype(config.model.dtype),
+                            conv_impl=config.model.conv_impl)
     model_meta = {'channels': config.model.channels, 'input_channels': input_channels,
                   'source': 'train'}
     manager = checkpoint_manager(workdir, config)

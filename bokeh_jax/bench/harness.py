@@ -178,14 +178,20 @@ class Compiled:
     memory_mb: float | None
 
 
-def compile_jax(jitted: Any, *args: Any) -> Compiled:
-    """Lowers and compiles a jitted/pmapped function for `args`; reads XLA's cost and memory."""
+def compile_jax(jitted: Any, *args: Any, flops_twin: Any = None) -> Compiled:
+    """Lowers and compiles a jitted/pmapped function for `args`; reads XLA's cost and memory.
+
+    flops_twin: the same function with XLA's own convolutions (jitted), whose FLOP count is
+    reported instead, for programs with custom calls (conv_impl='onednn'), which XLA counts as
+    zero FLOPs. It is only lowered, not compiled: its count is that before XLA's optimizations,
+    a few % off the compiled program's.
+    """
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - start
     flops = None
     try:
-        cost = compiled.cost_analysis()
+        cost = (compiled if flops_twin is None else flops_twin.lower(*args)).cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost['flops']) if cost and cost.get('flops', -1) > 0 else None
     except Exception:  # noqa: BLE001 - some backends have no cost model; the row says n/a
@@ -385,8 +391,10 @@ class Bench:
         self.peak_gflops: float | None = None
         self.input_channels = 3 if config.data.builder_config == 'rgb' else 4
         self.rng = np.random.default_rng(config.seed)
-        self.model = model_lib.PyNET(config.model.channels)
-        print(f'[bench] initializing PyNET(channels={config.model.channels}) parameters')
+        self.conv_impl = config.model.conv_impl
+        self.model = model_lib.PyNET(config.model.channels, conv_impl=self.conv_impl)
+        print(f'[bench] initializing PyNET(channels={config.model.channels}) parameters; '
+              f'convolutions: {self.conv_impl}')
         self.params_np = model_lib.init_params(
             self.model, jax.random.key(config.seed), self.input_channels
         )
@@ -398,6 +406,13 @@ class Bench:
         if (name, dtype) not in self._peer_cache:
             self._peer_cache[name, dtype] = _Peer(name, self.peers[name], self.params_np, dtype)
         return self._peer_cache[name, dtype]
+
+    def _xla_twin(self, program: Callable[[model_lib.PyNET], Any], dtype: str = 'float32') -> Any:
+        """program(PyNET with XLA's convolutions) when conv_impl is not 'xla' (its FLOP count
+        stands in for the custom calls'), else None."""
+        if self.conv_impl == 'xla':
+            return None
+        return program(model_lib.PyNET(self.config.model.channels, dtype=jnp.dtype(dtype)))
 
     def _input(self, batch: int, h: int, w: int, channels: int) -> np.ndarray:
         return self.rng.random((batch, h, w, channels), dtype=np.float32)
@@ -468,11 +483,14 @@ class Bench:
     # ---- full-resolution forward ----
     def forward(self, dtype: str) -> None:
         h, w = parse_size(self.cfg.forward_size, 'config.bench.forward_size')
-        model = model_lib.PyNET(self.config.model.channels, dtype=jnp.dtype(dtype))
+        model = model_lib.PyNET(
+            self.config.model.channels, dtype=jnp.dtype(dtype), conv_impl=self.conv_impl
+        )
         x_np = self._input(1, h, w, self.input_channels)
         x = jnp.asarray(x_np)
+        twin = self._xla_twin(lambda m: forward_program(m, 1), dtype)
         self.memory.start()
-        compiled = compile_jax(forward_program(model, 1), self.params, x)
+        compiled = compile_jax(forward_program(model, 1), self.params, x, flops_twin=twin)
         _block(compiled.fn(self.params, x))
         memory = self.memory.peak_mb()
         peer_fns = {
@@ -501,7 +519,10 @@ class Bench:
         x = jnp.asarray(x_np)
         fns, gflop = {}, {}
         for level in model_lib.LEVELS:
-            compiled = compile_jax(forward_program(self.model, level), self.params, x)
+            twin = self._xla_twin(lambda m, level=level: forward_program(m, level))
+            compiled = compile_jax(
+                forward_program(self.model, level), self.params, x, flops_twin=twin
+            )
             gflop[level] = (compiled.flops or 0) / 1e9
             fns['jax', level] = lambda c=compiled: _block(c.fn(self.params, x))
             for name in self.peers:
@@ -528,13 +549,17 @@ class Bench:
         source = self.cfg.train_step
         if source == 'auto':
             source = 'project' if has_project_train_step() else 'self'
-        if source == 'project':
-            program = project_train_step(self.config, self.model, level)
-        else:
-            program = self_contained_train_step(self.model, level)
+
+        def make(model):
+            if source == 'project':
+                return project_train_step(self.config, model, level)
+            return self_contained_train_step(model, level)
+
+        program = make(self.model)
+        twin = self._xla_twin(lambda m: make(m).jitted)
         self.memory.start()
         state = program.init(self.params_np)
-        compiled = compile_jax(program.jitted, *program.pack(state, x, target))
+        compiled = compile_jax(program.jitted, *program.pack(state, x, target), flops_twin=twin)
         holder = {'state': state}
 
         def run_jax():
@@ -566,6 +591,8 @@ class Bench:
         # The render settings of the config, for those keywords render_full_resolution takes.
         accepted = inspect.signature(render.render_full_resolution).parameters
         kwargs = {k: v for k, v in self.config.render.items() if k in accepted}
+        if 'conv_impl' in accepted:
+            kwargs['conv_impl'] = self.conv_impl
         call = lambda: _block(render.render_full_resolution(self.params, photo, depth, **kwargs))
         self.memory.start()
         start = time.perf_counter()
@@ -582,7 +609,9 @@ class Bench:
     # ---- per-shape conv profile ----
     def conv_profile(self) -> None:
         h, w = parse_size(self.cfg.forward_size, 'config.bench.forward_size')
-        shapes = conv_shapes(self.model, self.params, (1, h, w, self.input_channels))
+        # XLA's convolutions, whatever conv_impl is: custom calls hide the shapes from the jaxpr.
+        xla_model = model_lib.PyNET(self.config.model.channels)
+        shapes = conv_shapes(xla_model, self.params, (1, h, w, self.input_channels))
         tf_conv = None
         if 'tf' in self.peers:
             tf_conv = self.peers['tf'].conv_fn()
@@ -813,8 +842,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     load_before = os.getloadavg()
     bench = Bench(config)
     env = environment(bench.peers)
-    print(f"[bench] {env['backend']} ({env['device']}, {env['cpu']}), load {load_before}",
-          flush=True)
+    print(f"[bench] {env['backend']} ({env['device']}, {env['cpu']}), load {load_before}, "
+          f"conv_impl {bench.conv_impl}", flush=True)
     bench.conv_peak()
     for dtype in cfg.forward_dtypes:
         bench.forward(dtype)
@@ -834,6 +863,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'environment': env,
         'config': json.loads(cfg.to_json()),
         'channels': config.model.channels,
+        'conv_impl': bench.conv_impl,
         'conv_peak_gflop_per_s': bench.peak_gflops,
         'rows': rows,
         'per_level': bench.per_level,
@@ -841,7 +871,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     table = format_table(rows, tuple(bench.peers))
     print('\n' + table, flush=True)
-    print(f"[bench] load average before {load_before}, after {env['load_average']['after']}")
+    print(f"[bench] conv_impl {bench.conv_impl}; load average before {load_before}, after "
+          f"{env['load_average']['after']}")
     if workdir:
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, cfg.output)

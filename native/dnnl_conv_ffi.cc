@@ -1,0 +1,247 @@
+// XLA FFI custom calls into oneDNN for PyNET's convolutions on CPU (bokeh_jax/onednn.py).
+//
+// One layer kind only: 2-D convolution of a float32 NHWC input with an HWIO kernel, stride 1,
+// no dilation, no groups, zero 'SAME' padding with an odd square kernel (K // 2 on every side).
+//   DnnlConvForward(x [N, H, W, I], w [K, K, I, O]) -> y [N, H, W, O]
+//   DnnlConvBackwardData(g [N, H, W, O], w [K, K, I, O]) -> dx [N, H, W, I]
+//   DnnlConvBackwardWeights(x [N, H, W, I], g [N, H, W, O]) -> dw [K, K, I, O]
+// Shapes that break these rules come back as an InvalidArgument error, never a crash.
+//
+// Primitives are created once per (operation, shape) and kept in a process-wide cache. They are
+// immutable after creation, so one can run on several threads at once (pmap over host devices):
+// every call brings its own scratchpad (scratchpad_mode::user) and weight buffer, and its own
+// stream (one per thread).
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+
+enum class Op { kForward, kBackwardData, kBackwardWeights };
+
+struct Shape {
+  int64_t n, h, w, in, out, k;
+  auto key() const { return std::make_tuple(n, h, w, in, out, k); }
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+dnnl::stream& ThreadStream() {
+  thread_local dnnl::stream stream(Engine());
+  return stream;
+}
+
+// A primitive and what a call needs besides the user's buffers. The primitive picks its own
+// weight layout (format_tag::any, usually blocked); `weights_reorder` converts between it and
+// HWIO (HWIO -> blocked before forward and backward-data, blocked -> HWIO after backward-weights)
+// and is null when the primitive takes HWIO as it is.
+struct Entry {
+  dnnl::primitive primitive;
+  memory::desc data_in, data_out;  // NHWC input-side and output-side activations
+  memory::desc user_weights, weights;
+  std::unique_ptr<dnnl::reorder> weights_reorder;
+  memory::desc scratchpad, reorder_scratchpad;
+};
+
+std::mutex cache_mutex;
+std::map<std::tuple<Op, std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>>,
+         std::shared_ptr<const Entry>>
+    cache;
+
+std::shared_ptr<const Entry> MakeEntry(Op op, const Shape& s) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const memory::dims strides{1, 1}, pad{s.k / 2, s.k / 2};
+  const auto f32 = memory::data_type::f32;
+  memory::desc src({s.n, s.in, s.h, s.w}, f32, Tag::nhwc);
+  memory::desc dst({s.n, s.out, s.h, s.w}, f32, Tag::nhwc);
+  memory::desc user_weights({s.out, s.in, s.k, s.k}, f32, Tag::hwio);
+  memory::desc any_weights({s.out, s.in, s.k, s.k}, f32, Tag::any);
+  const auto direct = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::primitive_desc forward(Engine(), dnnl::prop_kind::forward_training,
+                                                    direct, src, any_weights, dst, strides, pad,
+                                                    pad, attr);
+  auto entry = std::make_shared<Entry>();
+  entry->user_weights = user_weights;
+  if (op == Op::kForward) {
+    entry->primitive = dnnl::convolution_forward(forward);
+    entry->weights = forward.weights_desc();
+    entry->scratchpad = forward.scratchpad_desc();
+    entry->data_in = src, entry->data_out = dst;
+  } else if (op == Op::kBackwardData) {
+    dnnl::convolution_backward_data::primitive_desc pd(Engine(), direct, src, any_weights, dst,
+                                                       strides, pad, pad, forward, attr);
+    entry->primitive = dnnl::convolution_backward_data(pd);
+    entry->weights = pd.weights_desc();
+    entry->scratchpad = pd.scratchpad_desc();
+    entry->data_in = dst, entry->data_out = src;
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc pd(Engine(), direct, src, any_weights, dst,
+                                                          strides, pad, pad, forward, attr);
+    entry->primitive = dnnl::convolution_backward_weights(pd);
+    entry->weights = pd.diff_weights_desc();
+    entry->scratchpad = pd.scratchpad_desc();
+    entry->data_in = src, entry->data_out = dst;
+  }
+  if (entry->weights != user_weights) {
+    const bool to_user = op == Op::kBackwardWeights;
+    dnnl::reorder::primitive_desc pd(Engine(), to_user ? entry->weights : user_weights, Engine(),
+                                     to_user ? user_weights : entry->weights, attr);
+    entry->weights_reorder = std::make_unique<dnnl::reorder>(pd);
+    entry->reorder_scratchpad = pd.scratchpad_desc();
+  }
+  return entry;
+}
+
+std::shared_ptr<const Entry> GetEntry(Op op, const Shape& s) {
+  const auto key = std::make_tuple(op, s.key());
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  // Created outside the lock (it can take milliseconds); a concurrent twin is harmless.
+  auto entry = MakeEntry(op, s);
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return cache.emplace(key, std::move(entry)).first->second;
+}
+
+// Runs one cached primitive. `data_in` / `data_out` are the activation buffers in the entry's
+// order, `weights` the user's HWIO kernel (read, or written for backward-weights).
+void Execute(Op op, const Shape& s, void* data_in, void* data_out, void* weights) {
+  std::shared_ptr<const Entry> e = GetEntry(op, s);
+  dnnl::engine& engine = Engine();
+  dnnl::stream& stream = ThreadStream();
+  memory in(e->data_in, engine, data_in), out(e->data_out, engine, data_out);
+  memory user_weights(e->user_weights, engine, weights);
+  memory primitive_weights = user_weights;
+  if (e->weights_reorder) primitive_weights = memory(e->weights, engine);  // allocated per call
+  auto run_reorder = [&](memory& from, memory& to) {
+    memory scratchpad(e->reorder_scratchpad, engine);
+    e->weights_reorder->execute(
+        stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  };
+  memory scratchpad(e->scratchpad, engine);
+  if (op == Op::kForward) {
+    if (e->weights_reorder) run_reorder(user_weights, primitive_weights);
+    e->primitive.execute(stream, {{DNNL_ARG_SRC, in},
+                                  {DNNL_ARG_WEIGHTS, primitive_weights},
+                                  {DNNL_ARG_DST, out},
+                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else if (op == Op::kBackwardData) {
+    if (e->weights_reorder) run_reorder(user_weights, primitive_weights);
+    e->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, in},
+                                  {DNNL_ARG_WEIGHTS, primitive_weights},
+                                  {DNNL_ARG_DIFF_SRC, out},
+                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else {
+    e->primitive.execute(stream, {{DNNL_ARG_SRC, in},
+                                  {DNNL_ARG_DIFF_DST, out},
+                                  {DNNL_ARG_DIFF_WEIGHTS, primitive_weights},
+                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    if (e->weights_reorder) run_reorder(primitive_weights, user_weights);
+  }
+  stream.wait();
+}
+
+std::string Dims(ffi::Span<const int64_t> d) {
+  std::string text = "[";
+  for (size_t i = 0; i < d.size(); ++i) text += (i ? ", " : "") + std::to_string(d[i]);
+  return text + "]";
+}
+
+// Checks the shapes of one call: `a` and `b` are the two operands, `r` the result, named as in
+// the comment at the top. Returns the common Shape or an InvalidArgument error.
+ffi::ErrorOr<Shape> CheckShapes(Op op, ffi::Span<const int64_t> a, ffi::Span<const int64_t> b,
+                                ffi::Span<const int64_t> r) {
+  static const char* names[] = {"DnnlConvForward(x, w) -> y", "DnnlConvBackwardData(g, w) -> dx",
+                                "DnnlConvBackwardWeights(x, g) -> dw"};
+  const char* name = names[static_cast<int>(op)];
+  auto fail = [&](const std::string& why) -> ffi::ErrorOr<Shape> {
+    return ffi::Unexpected<ffi::Error>(
+        ffi::Error::InvalidArgument(std::string(name) + ": " + why + "; got operands " + Dims(a) +
+                                    ", " + Dims(b) + " and result " + Dims(r)));
+  };
+  if (a.size() != 4 || b.size() != 4 || r.size() != 4) return fail("every array must be rank 4");
+  // Activations x, the result-side activations, and the kernel, whatever the operation.
+  ffi::Span<const int64_t> x = op == Op::kBackwardData ? r : a;
+  ffi::Span<const int64_t> y = op == Op::kForward ? r : (op == Op::kBackwardData ? a : b);
+  ffi::Span<const int64_t> w = op == Op::kBackwardWeights ? r : b;
+  Shape s{x[0], x[1], x[2], x[3], y[3], w[0]};
+  for (int i = 0; i < 4; ++i) {
+    if (x[i] <= 0 || y[i] <= 0 || w[i] <= 0) return fail("every dimension must be positive");
+  }
+  if (w[0] != w[1] || w[0] % 2 == 0) return fail("the kernel must be square with an odd side");
+  if (y[0] != x[0] || y[1] != x[1] || y[2] != x[2]) {
+    return fail("input and output must have the same batch, height and width");
+  }
+  if (w[2] != x[3] || w[3] != y[3]) {
+    return fail("the kernel must be [K, K, input channels, output channels]");
+  }
+  return s;
+}
+
+// One call: checks the shapes, then runs the primitive on the buffers, named as in CheckShapes.
+ffi::Error Run(Op op, ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b,
+               ffi::ResultBuffer<ffi::F32>& r) {
+  ffi::ErrorOr<Shape> shape = CheckShapes(op, a.dimensions(), b.dimensions(), r->dimensions());
+  if (shape.has_error()) return shape.error();
+  void* x = op == Op::kBackwardData ? r->untyped_data() : a.untyped_data();
+  void* y = op == Op::kForward ? r->untyped_data()
+                               : (op == Op::kBackwardData ? a.untyped_data() : b.untyped_data());
+  void* w = op == Op::kBackwardWeights ? r->untyped_data() : b.untyped_data();
+  try {
+    if (op == Op::kBackwardData) {
+      Execute(op, shape.value(), y, x, w);
+    } else {
+      Execute(op, shape.value(), x, y, w);
+    }
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  return Run(Op::kForward, x, w, y);
+}
+
+ffi::Error BackwardData(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> dx) {
+  return Run(Op::kBackwardData, g, w, dx);
+}
+
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                           ffi::ResultBuffer<ffi::F32> dw) {
+  return Run(Op::kBackwardWeights, x, g, dw);
+}
+
+}  // namespace
+
+#define BIND_F32_2_TO_1                                                    \
+  ffi::Ffi::Bind()                                                         \
+      .Arg<ffi::Buffer<ffi::F32>>()                                        \
+      .Arg<ffi::Buffer<ffi::F32>>()                                        \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvForward, Forward, BIND_F32_2_TO_1);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvBackwardData, BackwardData, BIND_F32_2_TO_1);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvBackwardWeights, BackwardWeights, BIND_F32_2_TO_1);
