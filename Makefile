@@ -30,7 +30,9 @@ $(VENV)/.onednn: $(VENV)/.installed
 
 onednn: $(VENV)/.onednn
 
+# The demo's convolutions run on oneDNN where it installs (Linux x86-64), else on XLA.
 demo: install
+	-$(MAKE) --no-print-directory onednn
 	$(PY) launch.py --workdir=$(WORKDIR)
 
 test: install onednn

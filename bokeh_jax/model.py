@@ -11,6 +11,9 @@ output k is therefore: `encoder`, every coarser level without its `head`, and al
 
 from typing import Any, Sequence
 
+import functools
+
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,10 +78,25 @@ CONV_IMPLS = {
 
 
 def check_conv_impl(conv_impl: str) -> None:
-    if conv_impl not in CONV_IMPLS:
-        raise ValueError(
-            f'config.model.conv_impl must be one of {sorted(CONV_IMPLS)}, got {conv_impl!r}'
-        )
+    if conv_impl not in (*CONV_IMPLS, 'auto'):
+        raise ValueError(f'config.model.conv_impl must be one of {sorted(CONV_IMPLS)} or '
+                         f"'auto', got {conv_impl!r}")
+
+
+@functools.cache
+def resolve_conv_impl(conv_impl: str) -> str:
+    """'auto' -> 'onednn' where it runs (CPU backend, oneDNN installed by `make onednn`), else
+    'xla'; any other name is returned unchanged."""
+    if conv_impl != 'auto':
+        return conv_impl
+    if jax.default_backend() != 'cpu':
+        return 'xla'
+    try:
+        onednn.ensure_registered()
+    except (onednn.OneDNNUnavailable, OSError) as e:
+        logging.info("conv_impl='auto' runs on XLA: %s", e)
+        return 'xla'
+    return 'onednn'
 
 
 class ConvLayer(nn.Module):
@@ -98,7 +116,7 @@ class ConvLayer(nn.Module):
             (self.kernel, self.kernel),
             padding='SAME',
             dtype=self.dtype,
-            conv_general_dilated=CONV_IMPLS[self.conv_impl],
+            conv_general_dilated=CONV_IMPLS[resolve_conv_impl(self.conv_impl)],
             name='conv',
         )(x)
         if self.instance_norm:
@@ -449,7 +467,8 @@ class PyNET(nn.Module):
       channels: base width (32 in the paper); level widths are multiples of it.
       dtype: computation dtype (parameters stay float32).
       conv_impl: what runs the multi-blocks' convolutions, a key of CONV_IMPLS: 'xla' or
-        'onednn' (CPU, float32; needs `make onednn`). Same parameters and function for both.
+        'onednn' (CPU, float32; needs `make onednn`), or 'auto' (oneDNN where it runs, else XLA).
+        Same parameters and function for all.
 
     Call with x float32 [N, H, W, C] in [0, 1], C = 4 (RGB + depth, the paper) or 3 (RGB only), H and
     W multiples of 32, and `level` k in 1..7. Returns {level: image} for every level from 7 down to

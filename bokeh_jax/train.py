@@ -45,7 +45,7 @@ from bokeh_jax import model as model_lib
 
 AXIS = 'batch'
 LOSS_TERMS = ('mae', 'vgg', 'ssim')
-LR_SCHEDULES = ('constant', 'cosine')
+LR_SCHEDULES = ('constant', 'cosine', 'linear_decay')
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -89,9 +89,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         if cfg.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f'{name}.lr_schedule must be one of {LR_SCHEDULES}, '
                              f'got {cfg.lr_schedule!r}')
-        if not isinstance(cfg.warmup_steps, int) or not 0 <= cfg.warmup_steps < cfg.steps:
-            raise ValueError(f'{name}.warmup_steps must be an integer in [0, steps={cfg.steps}), '
-                             f'got {cfg.warmup_steps!r}')
+        for key in ('warmup_steps', 'decay_steps'):
+            if not isinstance(cfg[key], int) or not 0 <= cfg[key] <= cfg.steps:
+                raise ValueError(f'{name}.{key} must be an integer in [0, steps={cfg.steps}], '
+                                 f'got {cfg[key]!r}')
         weights = {term: cfg.loss[term] for term in LOSS_TERMS}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ValueError(f'{name}.loss weights must be >= 0 with at least one > 0, '
@@ -126,12 +127,21 @@ def trainable_mode(config: ml_collections.ConfigDict, level: int) -> str:
 
 
 def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-    """The level's learning rate by step: constant (the paper), or a linear warm-up over
-    `warmup_steps` then a cosine decay to zero at the level's last step ('cosine')."""
-    if cfg.lr_schedule == 'constant':
-        return optax.constant_schedule(cfg.learning_rate)
-    return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), cfg.steps, end_value=0.0)
+    """The level's learning rate by step.
+
+    'constant' (the paper); 'cosine': a linear warm-up over `warmup_steps`, then a cosine decay to
+    zero at the level's last step; 'linear_decay': constant, then linear to zero over the last
+    `decay_steps` (settles the noisy last iterates of a short constant-rate run).
+    """
+    lr = cfg.learning_rate
+    if cfg.lr_schedule == 'cosine':
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(cfg.warmup_steps, 1), cfg.steps, end_value=0.0)
+    if cfg.lr_schedule == 'linear_decay' and cfg.decay_steps:
+        return optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, cfg.decay_steps)],
+            [cfg.steps - cfg.decay_steps])
+    return optax.constant_schedule(lr)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, level: int) -> optax.GradientTransformation:

@@ -190,3 +190,21 @@ def test_missing_compiler_names_the_fix(tmp_path, monkeypatch):
 def test_unknown_conv_impl_is_rejected():
     with pytest.raises(ValueError, match='config.model.conv_impl must be one of'):
         model_lib.PyNET(4, conv_impl='cudnn').init(jax.random.key(0), jnp.zeros((1, 32, 32, 4)))
+
+
+def test_auto_picks_onednn_where_it_runs_and_xla_where_it_does_not(monkeypatch):
+    model_lib.resolve_conv_impl.cache_clear()
+    assert model_lib.resolve_conv_impl('auto') == 'onednn'
+    assert model_lib.resolve_conv_impl('xla') == 'xla'
+
+    def unavailable():
+        raise onednn.OneDNNUnavailable('no oneDNN here')
+
+    model_lib.resolve_conv_impl.cache_clear()
+    monkeypatch.setattr(onednn, 'ensure_registered', unavailable)
+    try:
+        assert model_lib.resolve_conv_impl('auto') == 'xla'
+    finally:
+        model_lib.resolve_conv_impl.cache_clear()
+    with pytest.raises(ValueError, match="config.model.conv_impl must be one of"):
+        model_lib.check_conv_impl('fast')

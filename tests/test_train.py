@@ -101,7 +101,7 @@ def test_optimizer_state_has_the_same_structure_at_every_level():
     assert len(structures) == 1  # so fresh_optimizer_per_level=False can carry Adam moments
 
 
-def test_cosine_schedule_warms_up_and_decays_to_zero_and_carrying_keeps_only_the_moments():
+def test_learning_rate_schedules_and_carrying_keeps_only_the_adam_moments():
     config = default.get_config('tiny')
     cfg = config.train.level3
     cfg.update({'steps': 100, 'learning_rate': 1e-3, 'lr_schedule': 'cosine', 'warmup_steps': 10})
@@ -111,6 +111,11 @@ def test_cosine_schedule_warms_up_and_decays_to_zero_and_carrying_keeps_only_the
     assert float(schedule(10)) == pytest.approx(1e-3)
     assert float(schedule(55)) == pytest.approx(5e-4, rel=1e-5)  # half-way down the cosine
     assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+    cfg.update({'lr_schedule': 'linear_decay', 'decay_steps': 40})
+    decay = train.learning_rate(cfg)
+    assert float(decay(0)) == float(decay(60)) == pytest.approx(1e-3)
+    assert float(decay(80)) == pytest.approx(5e-4)
+    assert float(decay(100)) == pytest.approx(0.0, abs=1e-12)
     cfg.lr_schedule = 'constant'
     assert float(train.learning_rate(cfg)(0)) == float(train.learning_rate(cfg)(99)) == 1e-3
 
@@ -133,7 +138,8 @@ def test_cosine_schedule_warms_up_and_decays_to_zero_and_carrying_keeps_only_the
     ('train.level6.trainable', 'everything', 'config.train.level6.trainable must be'),
     ('train.level7.learning_rate', 0.0, 'config.train.level7.learning_rate must be > 0'),
     ('train.level7.lr_schedule', 'linear', 'config.train.level7.lr_schedule must be one of'),
-    ('train.level7.warmup_steps', 2, r'config.train.level7.warmup_steps must be an integer in'),
+    ('train.level7.warmup_steps', 3, r'config.train.level7.warmup_steps must be an integer in'),
+    ('train.level7.decay_steps', -1, r'config.train.level7.decay_steps must be an integer in'),
 ])
 def test_bad_config_is_rejected_naming_the_field(field, value, message):
     config = tiny_config('/nonexistent', **{field: value})
