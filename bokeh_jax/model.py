@@ -297,7 +297,7 @@ def _cat(*xs: jax.Array) -> jax.Array:
 
 
 class _Level(nn.Module):
-    """Shared plumbing of a pyramid level: `head` (side output) and `up_a`/`up_b` (to the next level)."""
+    """Shared plumbing of a pyramid level: `head` (side output), `up_a`/`up_b` (to the next level)."""
 
     channels: int = 32
     dtype: Any = jnp.float32
@@ -577,9 +577,10 @@ def init_params(
     Kernels ~ N(0, gain^2/fan_in) (He init for leaky ReLU 0.2, gain sqrt(2/1.04); fan_in = k*k*input
     channels of the layer), biases 0, instance-norm scale 1 and shift 0. The paper does not state
     its init; He's keeps the signal alive through level 3's ~20 norm-free layers, which with plain
-    1/fan_in shrinks the initial level-1 output to a near-constant image and slows early training. The shapes come from `model.init` traced abstractly; the values are drawn
-    with numpy from `rng`, because compiling Flax's per-parameter threefry init for 440 tensors takes
-    tens of seconds on CPU, far longer than the forward pass itself.
+    1/fan_in shrinks the initial level-1 output to a near-constant image and slows early training.
+    The shapes come from `model.init` traced abstractly; the values are drawn with numpy from
+    `rng`, because compiling Flax's per-parameter threefry init for 440 tensors takes tens of
+    seconds on CPU, far longer than the forward pass itself.
     """
     x = jax.ShapeDtypeStruct((1, *size, input_channels), jnp.float32)
     shapes = jax.eval_shape(lambda r, x: model.init(r, x, level=1)['params'], rng, x)

@@ -149,7 +149,7 @@ def make_optimizer(config: ml_collections.ConfigDict, level: int) -> optax.Gradi
 
     The state is (Adam moments, schedule step count, mask) with the same structure at every level
     (moments for all parameters; those never reached by a gradient stay zero), which is what lets
-    `fresh_optimizer_per_level=False` carry the moments (`carry_moments`) from one level to the next.
+    `fresh_optimizer_per_level=False` carry the moments (`carry_moments`) to the next level.
     """
     mode = trainable_mode(config, level)
     frozen = lambda params: jax.tree.map(lambda t: not t, trainable_mask(params, level, mode))
@@ -533,7 +533,8 @@ def _train_level(config, workdir, level, cfg, model, tx, state, manager, offset,
                     'images_per_s': images_seen / elapsed})
                 timer, images_seen = time.perf_counter(), 0
             if config.train.eval_every and done % config.train.eval_every == 0 and done < cfg.steps:
-                _validate(config, unreplicate(state.params), model_meta, level, logger, offset + done)
+                _validate(config, unreplicate(state.params), model_meta, level, logger,
+                          offset + done)
             if config.train.image_every and done % config.train.image_every == 0:
                 _log_images(logger, model, state, batch, level, offset + done)
             if done % config.train.checkpoint_every == 0 and done < cfg.steps:

@@ -182,8 +182,8 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
 
 # Demo schedule: (steps, global batch) per level. Short, so most steps go to the fine levels
 # that make the full-resolution image.
-DEMO_SCHEDULE = {7: (100, 8), 6: (100, 8), 5: (150, 8), 4: (200, 8), 3: (1500, 4), 2: (250, 4),
-                 1: (400, 4)}
+DEMO_SCHEDULE = {7: (100, 8), 6: (100, 8), 5: (150, 8), 4: (200, 8), 3: (1500, 4), 2: (1000, 4),
+                 1: (1200, 4)}
 
 
 def _demo(config: ml_collections.ConfigDict) -> None:

@@ -88,7 +88,7 @@ def test_pad_to_shape_reflects():
 
 # ----------------------------------------------------------------------------- pipeline
 
-def tiny_config(data_dir, **data) -> 'ml_collections.ConfigDict':
+def tiny_config(data_dir, **data):
     config = default.get_config('tiny')
     config.data.data_dir = str(data_dir)
     config.data.synthetic.update({'num_train': 5, 'num_validation': 3})
