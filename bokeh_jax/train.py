@@ -89,10 +89,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         if cfg.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f'{name}.lr_schedule must be one of {LR_SCHEDULES}, '
                              f'got {cfg.lr_schedule!r}')
-        for key in ('warmup_steps', 'decay_steps'):
-            if not isinstance(cfg[key], int) or not 0 <= cfg[key] <= cfg.steps:
-                raise ValueError(f'{name}.{key} must be an integer in [0, steps={cfg.steps}], '
-                                 f'got {cfg[key]!r}')
+        for key, limit in (('warmup_steps', cfg.steps - 1), ('decay_steps', cfg.steps)):
+            if not isinstance(cfg[key], int) or not 0 <= cfg[key] <= limit:
+                raise ValueError(f'{name}.{key} must be an integer in [0, {limit}] '
+                                 f'(steps={cfg.steps}), got {cfg[key]!r}')
         weights = {term: cfg.loss[term] for term in LOSS_TERMS}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ValueError(f'{name}.loss weights must be >= 0 with at least one > 0, '
@@ -134,9 +134,11 @@ def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     `decay_steps` (settles the noisy last iterates of a short constant-rate run).
     """
     lr = cfg.learning_rate
-    if cfg.lr_schedule == 'cosine':
+    if cfg.lr_schedule == 'cosine' and cfg.warmup_steps:
         return optax.warmup_cosine_decay_schedule(
-            0.0, lr, max(cfg.warmup_steps, 1), cfg.steps, end_value=0.0)
+            0.0, lr, cfg.warmup_steps, cfg.steps, end_value=0.0)
+    if cfg.lr_schedule == 'cosine':
+        return optax.cosine_decay_schedule(lr, cfg.steps)
     if cfg.lr_schedule == 'linear_decay' and cfg.decay_steps:
         return optax.join_schedules(
             [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, cfg.decay_steps)],

@@ -111,7 +111,9 @@ def test_learning_rate_schedules_and_carrying_keeps_only_the_adam_moments():
     assert float(schedule(10)) == pytest.approx(1e-3)
     assert float(schedule(55)) == pytest.approx(5e-4, rel=1e-5)  # half-way down the cosine
     assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
-    cfg.update({'lr_schedule': 'linear_decay', 'decay_steps': 40})
+    cfg.update({'steps': 1, 'warmup_steps': 0})  # the shortest level: no warm-up, one step
+    assert float(train.learning_rate(cfg)(0)) == pytest.approx(1e-3)
+    cfg.update({'steps': 100, 'lr_schedule': 'linear_decay', 'decay_steps': 40})
     decay = train.learning_rate(cfg)
     assert float(decay(0)) == float(decay(60)) == pytest.approx(1e-3)
     assert float(decay(80)) == pytest.approx(5e-4)
@@ -138,7 +140,7 @@ def test_learning_rate_schedules_and_carrying_keeps_only_the_adam_moments():
     ('train.level6.trainable', 'everything', 'config.train.level6.trainable must be'),
     ('train.level7.learning_rate', 0.0, 'config.train.level7.learning_rate must be > 0'),
     ('train.level7.lr_schedule', 'linear', 'config.train.level7.lr_schedule must be one of'),
-    ('train.level7.warmup_steps', 3, r'config.train.level7.warmup_steps must be an integer in'),
+    ('train.level7.warmup_steps', 2, r'config.train.level7.warmup_steps must be an integer in'),
     ('train.level7.decay_steps', -1, r'config.train.level7.decay_steps must be an integer in'),
 ])
 def test_bad_config_is_rejected_naming_the_field(field, value, message):
