@@ -67,13 +67,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     if not isinstance(crop, int) or crop <= 0 or crop % model_lib.SIZE_MULTIPLE:
         raise ValueError(f'config.data.crop_size must be a positive multiple of '
                          f'{model_lib.SIZE_MULTIPLE}, got {crop!r}')
-    if config.train.trainable not in ('path', 'level'):
-        raise ValueError(f"config.train.trainable must be 'path' or 'level', "
-                         f'got {config.train.trainable!r}')
+    _check_trainable(config.train.trainable, 'config.train.trainable')
     for level in order:
-        if level_config(config, level).trainable not in ('', 'path', 'level'):
-            raise ValueError(f"config.train.level{level}.trainable must be '', 'path' or 'level', "
-                             f'got {level_config(config, level).trainable!r}')
+        if level_config(config, level).trainable:
+            _check_trainable(level_config(config, level).trainable,
+                             f'config.train.level{level}.trainable')
     for level in order:
         cfg, name = level_config(config, level), f'config.train.level{level}'
         if not isinstance(cfg.steps, int) or cfg.steps <= 0:
@@ -102,6 +100,15 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
             raise ValueError(f'config.train.{key} must be > 0, got {config.train[key]!r}')
 
 
+def _check_trainable(mode: Any, field: str) -> None:
+    groups = tuple(model_lib.CREATION_ORDER)
+    if mode in ('path', 'level') or (
+            isinstance(mode, str) and mode and set(mode.split(',')) <= set(groups)):
+        return
+    raise ValueError(f"{field} must be 'path', 'level' or comma-separated groups of {groups} "
+                     f"(e.g. 'level2,level1'), got {mode!r}")
+
+
 def needs_vgg(config: ml_collections.ConfigDict) -> bool:
     return any(level_config(config, level).loss.vgg > 0 for level in config.train.order)
 
@@ -113,12 +120,16 @@ def trainable_mask(params: Any, level: int, mode: str) -> Any:
     """Bool tree: True where a parameter is trained at `level`.
 
     mode 'path': every parameter on the output path of `level` (the paper: coarser levels and the
-    encoder are fine-tuned too); 'level': only the group `level{level}`.
+    encoder are fine-tuned too); 'level': only the group `level{level}`; comma-separated group
+    names (e.g. 'level2,level1'): those groups' parameters on the path.
     """
     if mode == 'path':
         keep = lambda path: model_lib.on_output_path(path, level)
-    else:
+    elif mode == 'level':
         keep = lambda path: path[0] == f'level{level}'
+    else:
+        groups = set(mode.split(','))
+        keep = lambda path: path[0] in groups and model_lib.on_output_path(path, level)
     return jax.tree_util.tree_map_with_path(lambda p, _: keep([k.key for k in p]), params)
 
 

@@ -93,6 +93,18 @@ def test_frozen_parameters_do_not_change(mode):
     assert np.isfinite(float(metrics['loss'][0]))
 
 
+def test_trainable_groups_by_name():
+    params = model_lib.init_params(model_lib.PyNET(4), jax.random.key(0))
+    mask = train.trainable_mask(params, 1, 'level2,level1')
+    trained = {jax.tree_util.keystr(path[:1]) for path, t in
+               jax.tree_util.tree_leaves_with_path(mask) if t}
+    assert trained == {"['level1']", "['level2']"}
+    # Only what is on the path: level 3's side head never feeds level 1.
+    mask = train.trainable_mask(params, 1, 'level3')
+    assert mask['level3']['f']['k3a']['conv']['kernel']
+    assert not mask['level3']['head']['conv']['kernel']
+
+
 def test_optimizer_state_has_the_same_structure_at_every_level():
     config = default.get_config('tiny')
     params = model_lib.init_params(model_lib.PyNET(4), jax.random.key(0))
@@ -138,6 +150,7 @@ def test_learning_rate_schedules_and_carrying_keeps_only_the_adam_moments():
     ('data.crop_size', 48, 'config.data.crop_size must be a positive multiple of 32'),
     ('train.trainable', 'all', 'config.train.trainable'),
     ('train.level6.trainable', 'everything', 'config.train.level6.trainable must be'),
+    ('train.level6.trainable', 'level6,level9', 'config.train.level6.trainable must be'),
     ('train.level7.learning_rate', 0.0, 'config.train.level7.learning_rate must be > 0'),
     ('train.level7.lr_schedule', 'linear', 'config.train.level7.lr_schedule must be one of'),
     ('train.level7.warmup_steps', 2, r'config.train.level7.warmup_steps must be an integer in'),
