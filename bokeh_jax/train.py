@@ -67,6 +67,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     if not isinstance(crop, int) or crop <= 0 or crop % model_lib.SIZE_MULTIPLE:
         raise ValueError(f'config.data.crop_size must be a positive multiple of '
                          f'{model_lib.SIZE_MULTIPLE}, got {crop!r}')
+    model_lib.check_conv_impl(config.model.conv_impl)
     _check_trainable(config.train.trainable, 'config.train.trainable')
     for level in order:
         if level_config(config, level).trainable:
