@@ -391,7 +391,8 @@ class Bench:
         self.peak_gflops: float | None = None
         self.input_channels = 3 if config.data.builder_config == 'rgb' else 4
         self.rng = np.random.default_rng(config.seed)
-        self.conv_impl = config.model.conv_impl
+        # What actually runs ('auto' resolved), so the printout and JSON name it.
+        self.conv_impl = model_lib.resolve_conv_impl(config.model.conv_impl)
         self.model = model_lib.PyNET(config.model.channels, conv_impl=self.conv_impl)
         print(f'[bench] initializing PyNET(channels={config.model.channels}) parameters; '
               f'convolutions: {self.conv_impl}')
@@ -591,8 +592,7 @@ class Bench:
         # The render settings of the config, for those keywords render_full_resolution takes.
         accepted = inspect.signature(render.render_full_resolution).parameters
         kwargs = {k: v for k, v in self.config.render.items() if k in accepted}
-        if 'conv_impl' in accepted:
-            kwargs['conv_impl'] = self.conv_impl
+        kwargs['conv_impl'] = self.conv_impl
         call = lambda: _block(render.render_full_resolution(self.params, photo, depth, **kwargs))
         self.memory.start()
         start = time.perf_counter()
