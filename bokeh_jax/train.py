@@ -92,6 +92,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
             if not isinstance(cfg[key], int) or not 0 <= cfg[key] <= limit:
                 raise ValueError(f'{name}.{key} must be an integer in [0, {limit}] '
                                  f'(steps={cfg.steps}), got {cfg[key]!r}')
+        if cfg.lr_schedule == 'linear_decay' and cfg.warmup_steps + cfg.decay_steps > cfg.steps:
+            raise ValueError(f'{name}.warmup_steps + decay_steps must be <= steps={cfg.steps}, '
+                             f'got {cfg.warmup_steps} + {cfg.decay_steps}')
         weights = {term: cfg.loss[term] for term in LOSS_TERMS}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ValueError(f'{name}.loss weights must be >= 0 with at least one > 0, '
@@ -141,21 +144,25 @@ def trainable_mode(config: ml_collections.ConfigDict, level: int) -> str:
 def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     """The level's learning rate by step.
 
-    'constant' (the paper); 'cosine': a linear warm-up over `warmup_steps`, then a cosine decay to
-    zero at the level's last step; 'linear_decay': constant, then linear to zero over the last
-    `decay_steps` (settles the noisy last iterates of a short constant-rate run).
+    'constant' (the paper); 'cosine': a cosine decay to zero at the level's last step;
+    'linear_decay': constant, then linear to zero over the last `decay_steps` (settles the noisy
+    last iterates of a short constant-rate run). Any of them may start with a linear warm-up from
+    zero over `warmup_steps`.
     """
-    lr = cfg.learning_rate
-    if cfg.lr_schedule == 'cosine' and cfg.warmup_steps:
-        return optax.warmup_cosine_decay_schedule(
-            0.0, lr, cfg.warmup_steps, cfg.steps, end_value=0.0)
+    lr, warmup = cfg.learning_rate, cfg.warmup_steps
     if cfg.lr_schedule == 'cosine':
+        if warmup:
+            return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, cfg.steps, end_value=0.0)
         return optax.cosine_decay_schedule(lr, cfg.steps)
-    if cfg.lr_schedule == 'linear_decay' and cfg.decay_steps:
-        return optax.join_schedules(
-            [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, cfg.decay_steps)],
-            [cfg.steps - cfg.decay_steps])
-    return optax.constant_schedule(lr)
+    decay = cfg.decay_steps if cfg.lr_schedule == 'linear_decay' else 0
+    pieces = [(warmup, optax.linear_schedule(0.0, lr, warmup)),
+              (cfg.steps - warmup - decay, optax.constant_schedule(lr)),
+              (decay, optax.linear_schedule(lr, 0.0, decay))]
+    pieces = [(length, schedule) for length, schedule in pieces if length > 0]
+    if len(pieces) == 1:
+        return pieces[0][1]
+    boundaries = np.cumsum([length for length, _ in pieces[:-1]]).tolist()
+    return optax.join_schedules([schedule for _, schedule in pieces], boundaries)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, level: int) -> optax.GradientTransformation:

@@ -25,9 +25,9 @@ def level_config(level: int, steps: int, batch_size: int) -> ml_collections.Conf
             'steps': steps,
             'batch_size': batch_size,  # global, split over all devices of all processes
             'learning_rate': 5e-5,  # Adam
-            # 'constant' (the paper); 'cosine': linear warm-up over warmup_steps, then a cosine
-            # decay to 0 at the level's last step; 'linear_decay': constant, then linear to 0 over
-            # the last decay_steps.
+            # 'constant' (the paper); 'cosine': a cosine decay to 0 at the level's last step;
+            # 'linear_decay': constant, then linear to 0 over the last decay_steps. Each starts
+            # with a linear warm-up from 0 over warmup_steps.
             'lr_schedule': 'constant',
             'warmup_steps': 0,
             'decay_steps': 0,

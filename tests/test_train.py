@@ -130,7 +130,14 @@ def test_learning_rate_schedules_and_carrying_keeps_only_the_adam_moments():
     assert float(decay(0)) == float(decay(60)) == pytest.approx(1e-3)
     assert float(decay(80)) == pytest.approx(5e-4)
     assert float(decay(100)) == pytest.approx(0.0, abs=1e-12)
+    cfg.warmup_steps = 20  # warm-up, constant, then the decay: 0 -> 1e-3 (step 20) .. 60 -> 0
+    decay = train.learning_rate(cfg)
+    assert float(decay(0)) == 0.0 and float(decay(10)) == pytest.approx(5e-4)
+    assert float(decay(20)) == float(decay(60)) == pytest.approx(1e-3)
+    assert float(decay(80)) == pytest.approx(5e-4) and float(decay(100)) == 0.0
     cfg.lr_schedule = 'constant'
+    assert float(train.learning_rate(cfg)(10)) == pytest.approx(5e-4)
+    cfg.warmup_steps = 0
     assert float(train.learning_rate(cfg)(0)) == float(train.learning_rate(cfg)(99)) == 1e-3
 
     params = model_lib.init_params(model_lib.PyNET(4), jax.random.key(0))
@@ -160,6 +167,14 @@ def test_learning_rate_schedules_and_carrying_keeps_only_the_adam_moments():
 def test_bad_config_is_rejected_naming_the_field(field, value, message):
     config = tiny_config('/nonexistent', **{field: value})
     with pytest.raises(ValueError, match=message):
+        train.validate_config(config, device_count=2)
+
+
+def test_warmup_and_decay_longer_than_the_level_are_rejected():
+    config = tiny_config('/nonexistent', **{'train.level7.lr_schedule': 'linear_decay',
+                                            'train.level7.warmup_steps': 1,
+                                            'train.level7.decay_steps': 2})
+    with pytest.raises(ValueError, match=r'config.train.level7.warmup_steps \+ decay_steps'):
         train.validate_config(config, device_count=2)
 
 
