@@ -9,7 +9,7 @@ Modes:
   train     coarse-to-fine training of every level in config.train.order, resuming from WORKDIR;
             ends with the eval mode on the finest level trained (config.train.final_eval)
   summary   parameters per group / output path and forward FLOPs (--input_size=HxW)
-  convert   import the released TF1 checkpoint: --tf_checkpoint=PREFIX, writes WORKDIR/params/level_1
+  convert   import the released TF1 checkpoint (--tf_checkpoint=PREFIX) to WORKDIR/params/level_1
   eval      score WORKDIR's params on config.data.eval_split, with the identity and classical
             baselines: writes WORKDIR/eval/<split>_level<K>_<protocol>/ (CSV, JSON, grid.png)
   bench     speed of the forward pass, train steps and rendering against the TF / PyTorch peers
@@ -31,7 +31,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     'Experiment config file, optionally with :VARIANT.',
     lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string('workdir', 'workdir/demo', 'Directory for checkpoints, logs and results.')
+_WORKDIR = flags.DEFINE_string('workdir', 'workdir/demo',
+                               'Directory for checkpoints, logs and results.')
 _MODE = flags.DEFINE_string('mode', 'train', 'What to run; see the module docstring.')
 _TF_CHECKPOINT = flags.DEFINE_string('tf_checkpoint', None, 'convert: TF1 checkpoint prefix.')
 _INPUT_SIZE = flags.DEFINE_string(

@@ -3,7 +3,8 @@
 Levels are numbered as in the paper: level 1 is the finest (the original photo's size), level 7 the
 coarsest (1/32 of the input). See ../shared/SPEC.md for the layer-by-layer definition this follows.
 
-Parameter tree: top-level groups `encoder`, `level7`, ..., `level1`. Inside a level, blocks are named
+Parameter tree: top-level groups `encoder`, `level7`, ..., `level1`. Inside a level, blocks are
+named
 after the paper's feature maps (`d1`, `d3`, `f`, ...), the two transposed convolutions towards the
 next finer level are `up_a` / `up_b`, and the side output of levels 7..3 is `head`. The path to
 output k is therefore: `encoder`, every coarser level without its `head`, and all of level k.
@@ -297,7 +298,7 @@ def _cat(*xs: jax.Array) -> jax.Array:
 
 
 class _Level(nn.Module):
-    """Shared plumbing of a pyramid level: `head` (side output), `up_a`/`up_b` (to the next level)."""
+    """Shared plumbing of a level: `head` (side output), `up_a`/`up_b` (to the next finer level)."""
 
     channels: int = 32
     dtype: Any = jnp.float32
@@ -470,11 +471,11 @@ class PyNET(nn.Module):
         'onednn' (CPU, float32; needs `make onednn`), or 'auto' (oneDNN where it runs, else XLA).
         Same parameters and function for all.
 
-    Call with x float32 [N, H, W, C] in [0, 1], C = 4 (RGB + depth, the paper) or 3 (RGB only), H and
-    W multiples of 32, and `level` k in 1..7. Returns {level: image} for every level from 7 down to
-    k; image j is float32 [N, H*s, W*s, 3] with s = level_output_scale(j), range about -0.08..1.08.
-    Nothing finer than level k is computed. `init` always creates all parameters (every level and
-    side head), whatever `level` it is called with.
+    Call with x float32 [N, H, W, C] in [0, 1], C = 4 (RGB + depth, the paper) or 3 (RGB only), H
+    and W multiples of 32, and `level` k in 1..7. Returns {level: image} for every level from 7
+    down to k; image j is float32 [N, H*s, W*s, 3] with s = level_output_scale(j), range about
+    -0.08..1.08. Nothing finer than level k is computed. `init` always creates all parameters
+    (every level and side head), whatever `level` it is called with.
     """
 
     channels: int = 32
@@ -554,7 +555,8 @@ def check_input(x: Any) -> None:
 
 
 def on_output_path(path: Sequence[str], level: int) -> bool:
-    """Whether the parameter at `path` (e.g. ('level6', 'd3', 'k3a', 'conv', 'kernel')) feeds output `level`.
+    """Whether the parameter at `path` (e.g. ('level6', 'd3', 'k3a', 'conv', 'kernel')) feeds
+    output `level`.
 
     That is the encoder, every coarser level except its side `head`, and `level` itself except the
     transposed convs towards finer levels: the subset the paper trains at each level (and the

@@ -59,7 +59,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     """Rejects a config that cannot train, naming the field, before anything is compiled."""
     order = tuple(config.train.order)
     if not order or any(level not in model_lib.LEVELS for level in order):
-        raise ValueError(f'config.train.order must list levels from {model_lib.LEVELS}, got {order}')
+        raise ValueError(f'config.train.order must list levels from {model_lib.LEVELS}, '
+                         f'got {order}')
     if any(a <= b for a, b in zip(order, order[1:])):
         raise ValueError(f'config.train.order must go from coarse to fine (strictly decreasing, '
                          f'e.g. (7, 6, 5, 4, 3, 2, 1)), got {order}')
@@ -523,6 +524,9 @@ def _train_level(config, workdir, level, cfg, model, tx, state, manager, offset,
         num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
         process_count=jax.process_count())
     meta = lambda step: {'level': level, 'level_step': step, **model_meta}
+    # Compiled once per level: a jit made at every image summary would recompile the model each
+    # time (seconds per call on a CPU, more than the steps between summaries in the demo).
+    forward = jax.jit(functools.partial(model.apply, level=level))
     state = replicate(state)
     bar = _progress(level, start, cfg.steps, logger.enabled)
     last_saved, timer, images_seen = start, time.perf_counter(), 0
@@ -557,7 +561,7 @@ def _train_level(config, workdir, level, cfg, model, tx, state, manager, offset,
                 _validate(config, unreplicate(state.params), model_meta, level, logger,
                           offset + done)
             if config.train.image_every and done % config.train.image_every == 0:
-                _log_images(logger, model, state, batch, level, offset + done)
+                _log_images(logger, forward, state, batch, level, offset + done)
             if done % config.train.checkpoint_every == 0 and done < cfg.steps:
                 save_state(manager, offset + done, state, meta(done))
                 last_saved = done
@@ -571,12 +575,13 @@ def _train_level(config, workdir, level, cfg, model, tx, state, manager, offset,
     return TrainState(step=np.int32(host.step), params=host.params, opt_state=host.opt_state)
 
 
-def _log_images(logger: Logger, model, state, batch, level: int, global_step: int) -> None:
+def _log_images(logger: Logger, forward, state, batch, level: int, global_step: int) -> None:
+    """Input, target and output of the batch's first image; forward = jitted model.apply."""
     if not logger.enabled:
         return
     params = jax.tree.map(lambda x: x[0], state.params)
     x = batch['input'][0, :1]
-    output = jax.jit(functools.partial(model.apply, level=level))({'params': params}, x)[level]
+    output = forward({'params': params}, x)[level]
     size = output.shape[1:3]
     logger.images(global_step, level, {
         'input': image_ops.resize(np.asarray(x[0, ..., :3]), size),

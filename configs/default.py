@@ -34,7 +34,8 @@ def level_config(level: int, steps: int, batch_size: int) -> ml_collections.Conf
             # Which parameters train: 'path' (the level's output path, the paper) or 'level' (its
             # own group only); '' = config.train.trainable.
             'trainable': '',
-            # Loss = mae * MAE + vgg * VGG19-relu5_4 MSE + ssim * (1 - SSIM), on the unclipped output.
+            # Loss = mae * MAE + vgg * VGG19-relu5_4 MSE + ssim * (1 - SSIM), on the unclipped
+            # output.
             'loss': {
                 'mae': 10.0 if fine else 100.0,
                 'vgg': 0.1 if fine else 0.0,
@@ -94,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.image_every = 1000  # TensorBoard image summaries
     config.train.final_eval = True  # the eval mode on the finest trained level at the end
     config.train.keep_checkpoints = 3  # resumable checkpoints kept in WORKDIR/checkpoints
-    config.train.init_from = ''  # a workdir whose finest params/level_K start training (fine-tuning)
+    # A workdir whose finest params/level_K start training (fine-tuning); '' = fresh parameters.
+    config.train.init_from = ''
     config.train.distributed = 'auto'  # jax.distributed: 'auto' (TPU VM / cluster env), 'yes', 'no'
 
     # jax.distributed.initialize arguments; empty coordinator = detect from the environment.

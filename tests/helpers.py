@@ -20,8 +20,8 @@ COMPILATION_CACHE = os.path.join(ROOT, '.jax_cache')
 
 
 def launch_env(devices: int | None = None, **extra: str) -> dict[str, str]:
-    env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_COMPILATION_CACHE_DIR': COMPILATION_CACHE,
-           **extra}
+    env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2',
+           'JAX_COMPILATION_CACHE_DIR': COMPILATION_CACHE, **extra}
     if devices is not None:
         env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
     return env
@@ -33,8 +33,8 @@ def launch(*args: str, check: bool = True, devices: int | None = None, timeout: 
     result = subprocess.run(launch_command(*args), cwd=ROOT, env=launch_env(devices, **env),
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f'launch.py {args} exited {result.returncode}:\n{result.stdout[-3000:]}'
-                             f'\n{result.stderr[-5000:]}')
+        raise AssertionError(f'launch.py {args} exited {result.returncode}:\n'
+                             f'{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
     return result
 
 
@@ -44,4 +44,5 @@ def assert_trees_equal(a, b, what: str = '') -> None:
     differ = [jax.tree_util.keystr(path)
               for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))
               if not np.array_equal(np.asarray(x), np.asarray(y))]
-    assert not differ, f'{what}: {len(differ)} of {len(jax.tree.leaves(a))} leaves differ: {differ[:5]}'
+    total = len(jax.tree.leaves(a))
+    assert not differ, f'{what}: {len(differ)} of {total} leaves differ: {differ[:5]}'

@@ -208,8 +208,8 @@ def test_coarser_level_scores_the_downscaled_target(synthetic):
     devices = jax.local_device_count()
     batch = next(input_pipeline.eval_iterator(config, 'validation', num_local_devices=devices))
     target = np.stack([[evaluate.to_level(t[0], (24, 32), 4)] for t in batch['target']])
-    step = jax.pmap(lambda p, b, l: evaluate.evaluate(
-        p, b, l, model=model_lib.PyNET(CHANNELS), level=4, size=(24, 32), border=4,
+    step = jax.pmap(lambda p, b, lp: evaluate.evaluate(
+        p, b, lp, model=model_lib.PyNET(CHANNELS), level=4, size=(24, 32), border=4,
         names=('psnr', 'ssim')))
     replicated = jax.tree.map(lambda x: jnp.stack([x] * devices), params)
     scores, prediction = step(replicated, {'input': batch['input'], 'target': target},

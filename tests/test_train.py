@@ -148,6 +148,11 @@ def test_learning_rate_schedules_and_carrying_keeps_only_the_adam_moments():
     assert int(carried[1].count) == 0 and int(previous[1].count) == 1  # the schedule restarts
 
 
+@pytest.mark.parametrize('variant', ['', 'demo', 'tiny'])
+def test_shipped_configs_are_valid(variant):
+    train.validate_config(default.get_config(variant or None), device_count=1)
+
+
 @pytest.mark.parametrize('field, value, message', [
     ('train.order', (7, 8), 'config.train.order must list levels'),
     ('train.order', (6, 7), 'coarse to fine'),

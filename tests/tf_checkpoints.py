@@ -1,4 +1,4 @@
-"""Writes TF1-style checkpoints (unnamed `generator/Variable_*`, as the original release) for tests."""
+"""Writes TF1-style checkpoints for tests: unnamed `generator/Variable_*`, as the original."""
 
 import json
 import os
@@ -29,7 +29,7 @@ def seeded_values(variables, seed: int = 0) -> list[np.ndarray]:
 
 
 def write_tf1_checkpoint(prefix: str, values: list[np.ndarray]) -> str:
-    """Saves `values` as TF1 variables generator/Variable, generator/Variable_1, ... with a Saver."""
+    """Saves `values` as TF1 variables generator/Variable, generator/Variable_1, ... (a Saver)."""
     import tensorflow as tf
 
     graph = tf.Graph()
