@@ -222,8 +222,8 @@ def _demo(config: ml_collections.ConfigDict) -> None:
         config.train[f'level{level}'].trainable = 'level'
         config.train[f'level{level}'].learning_rate = 1e-2
     config.train.log_every = 25
-    config.train.checkpoint_every = 100
-    config.train.image_every = 100
+    config.train.checkpoint_every = 250
+    config.train.image_every = 500
     config.eval.max_images = 0
     config.render.max_tile = 512
 
