@@ -53,7 +53,8 @@ def _builder_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     data = config.data
     if data.name == 'synthetic_bokeh':
         kwargs = {field: int(data.synthetic[field]) for field in _SYNTHETIC_FIELDS}
-        return {**kwargs, 'strength': float(data.synthetic.strength)}
+        return {**kwargs, 'strength': float(data.synthetic.strength),
+                'foreground': bool(data.synthetic.foreground)}
     if data.name == 'ebb':
         return {'depth_dir': data.depth_dir, 'skip_bad': bool(data.skip_bad)}
     raise ValueError(f"config.data.name must be 'ebb' or 'synthetic_bokeh', got {data.name!r}")

@@ -571,33 +571,86 @@ def on_output_path(path: Sequence[str], level: int) -> bool:
     return group_level == level and path[1] not in ('up_a', 'up_b')
 
 
+# Added to level 2's logits at `upsampling_start`: enough to make them positive for any level-2
+# image in [0, 1] (logits within +-1.31), so that level 1's leaky ReLU passes them unchanged.
+UPSAMPLING_SHIFT = 2.0
+
+
+def upsampling_start(params: Any, shift: float = UPSAMPLING_SHIFT) -> Any:
+    """Level 1 set up to reproduce level 2's image, upsampled: a starting point for training it.
+
+    Level 1 is head(up(z2)) on level 2's pre-tanh logits z2 (3 channels, any sign), and up's leaky
+    ReLU scales negative logits by 0.2, which no linear head undoes; from random weights level 1
+    starts far below a plain resize of level 2's image. Here: level 2's logits bias += shift (all
+    positive), up = per-channel interpolation (kernel [.5, 1, .5] x [.5, 1, .5]: with TF 'SAME',
+    output pixel 2i+1 copies input i and 2i averages inputs i-1 and i), head = identity at its
+    centre tap with bias -shift. Then level 1 = tanh(interpolated z2) * 0.58 + 0.5, except in the
+    first row and column, where the interpolation meets the zero padding. Level 2's own image
+    changes (its logits moved); level 1 is what reads them. A deviation from the paper, which
+    starts level 1 from its random init (config `train.level1_start`).
+    """
+    params = jax.tree.map(np.array, params)  # a copy; float32 numpy leaves
+    taps = np.array([0.5, 1.0, 0.5], np.float32)
+    eye = np.eye(3, dtype=np.float32)
+    params['level1']['up']['conv']['kernel'] = np.einsum('i,j,oc->ijoc', taps, taps, eye)
+    head = np.zeros((3, 3, 3, 3), np.float32)
+    head[1, 1] = eye
+    params['level1']['head']['conv']['kernel'] = head
+    params['level1']['head']['conv']['bias'] = np.full(3, -shift, np.float32)
+    params['level2']['logits']['conv']['bias'] = (
+        params['level2']['logits']['conv']['bias'] + np.float32(shift))
+    return params
+
+
+INIT_SCHEMES = ('pynet', 'he')
+# The original's initializer (its model.py): every kernel, transposed ones included, from a normal
+# of std 0.01 truncated at two standard deviations; every conv bias 0.01.
+PYNET_INIT_STD = 0.01
+PYNET_INIT_BIAS = 0.01
+
+
 def init_params(
-    model: PyNET, rng: jax.Array, input_channels: int = 4, size: Sequence[int] = (32, 32)
+    model: PyNET, rng: jax.Array, input_channels: int = 4, size: Sequence[int] = (32, 32),
+    scheme: str = 'pynet',
 ) -> Any:
     """All parameters of `model` (every level and side head): float32 numpy arrays.
 
-    Kernels ~ N(0, gain^2/fan_in) (He init for leaky ReLU 0.2, gain sqrt(2/1.04); fan_in = k*k*input
-    channels of the layer), biases 0, instance-norm scale 1 and shift 0. The paper does not state
-    its init; He's keeps the signal alive through level 3's ~20 norm-free layers, which with plain
-    1/fan_in shrinks the initial level-1 output to a near-constant image and slows early training.
+    scheme 'pynet' is the original release's: kernels ~ N(0, 0.01^2) truncated at +-0.02 (as
+    `tf.truncated_normal(stddev=0.01)`), conv biases 0.01. 'he' (a deviation, not the paper's):
+    kernels ~ N(0, gain^2/fan_in), He's init for leaky ReLU 0.2 (gain sqrt(2/1.04); fan_in = k*k*
+    input channels of the layer), biases 0; it keeps the signal's scale through level 3's ~20
+    norm-free layers, where the fixed 0.01 shrinks it by about half per layer at width 32 (and far
+    more at small widths). Both: instance-norm scale 1 and shift 0.
     The shapes come from `model.init` traced abstractly; the values are drawn with numpy from
     `rng`, because compiling Flax's per-parameter threefry init for 440 tensors takes tens of
     seconds on CPU, far longer than the forward pass itself.
     """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f'Unknown init scheme {scheme!r}; expected one of {INIT_SCHEMES}')
     x = jax.ShapeDtypeStruct((1, *size, input_channels), jnp.float32)
     shapes = jax.eval_shape(lambda r, x: model.init(r, x, level=1)['params'], rng, x)
     seed = np.asarray(jax.random.key_data(rng)).ravel().tolist()
     generator = np.random.default_rng(seed)
 
+    def truncated_normal(shape):
+        z = generator.standard_normal(shape)
+        while (bad := np.abs(z) > 2).any():  # redraw outside two standard deviations
+            z[bad] = generator.standard_normal(int(bad.sum()))
+        return z
+
     def draw(path, leaf):
         names = [k.key for k in path]
         if names[-1] == 'kernel':
+            if scheme == 'pynet':
+                return (truncated_normal(leaf.shape) * PYNET_INIT_STD).astype(np.float32)
             # Conv [k, k, in, out]; transposed conv [3, 3, out, in] (TF layout): fan_in is k*k*in.
             fan_in = np.prod(leaf.shape[:2]) * leaf.shape[3 if names[-3].startswith('up') else 2]
             std = LEAKY_RELU_GAIN / np.sqrt(fan_in)
             return (generator.standard_normal(leaf.shape) * std).astype(np.float32)
         if names[-1] == 'scale':
             return np.ones(leaf.shape, np.float32)
+        if names[-1] == 'bias' and names[-2] != 'norm' and scheme == 'pynet':  # not IN's shift
+            return np.full(leaf.shape, PYNET_INIT_BIAS, np.float32)
         return np.zeros(leaf.shape, np.float32)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)

@@ -69,6 +69,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         raise ValueError(f'config.data.crop_size must be a positive multiple of '
                          f'{model_lib.SIZE_MULTIPLE}, got {crop!r}')
     model_lib.check_conv_impl(config.model.conv_impl)
+    if config.train.level1_start not in ('random', 'upsample'):
+        raise ValueError(f"config.train.level1_start must be 'random' or 'upsample', got "
+                         f'{config.train.level1_start!r}')
+    if config.model.init not in model_lib.INIT_SCHEMES:
+        raise ValueError(f'config.model.init must be one of {model_lib.INIT_SCHEMES}, '
+                         f'got {config.model.init!r}')
     _check_trainable(config.train.trainable, 'config.train.trainable')
     for level in order:
         if level_config(config, level).trainable:
@@ -426,7 +432,9 @@ def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tu
                 f'asks for channels={config.model.channels}, input_channels={input_channels}')
         return params, f'{config.train.init_from} (level {meta["level"]})'
     model = model_lib.PyNET(config.model.channels)
-    return model_lib.init_params(model, jax.random.key(config.seed), input_channels), 'random'
+    params = model_lib.init_params(model, jax.random.key(config.seed), input_channels,
+                                   scheme=config.model.init)
+    return params, f'random ({config.model.init} init)'
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -470,6 +478,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if params is None:
                     params, source = initial_params(config, input_channels)
                     logging.info('Initial parameters: %s', source)
+                if level == 1 and config.train.level1_start == 'upsample':
+                    # Before any restore: a resumed level 1 gets its checkpointed parameters.
+                    params = model_lib.upsampling_start(params)
                 if opt_state is None or config.train.fresh_optimizer_per_level:
                     opt_state = tx.init(params)
                 else:

@@ -51,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.channels = 32  # base width; the paper's model is 32
+    # Initial parameters: 'pynet' (the original release: kernels N(0, 0.01) truncated at 2 std,
+    # conv biases 0.01) or 'he' (He's init for leaky ReLU, biases 0; a deviation).
+    config.model.init = 'pynet'
     config.model.dtype = 'float32'  # computation dtype; parameters are always float32
     # What runs the multi-blocks' convolutions: 'xla', or 'onednn' (CPU, float32: oneDNN's kernels
     # through jax.ffi, 3-4x faster kernel gradients; needs `make onednn`). Same parameters.
@@ -72,7 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # photo sides must be multiples of 64. A copy on disk made with other values is regenerated.
     config.data.synthetic = ml_collections.ConfigDict(
         {'num_train': 300, 'num_validation': 40, 'height': 256, 'width': 384, 'seed': 0,
-         'strength': 0.06}  # blur disc diameter / height per unit of |disparity - focus|
+         'strength': 0.06,  # blur disc diameter / height per unit of |disparity - focus|
+         # objects and ground nearer than the subject: the depth in focus varies per scene
+         'foreground': False}
     )
 
     config.train = ml_collections.ConfigDict()
@@ -86,6 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         'path'  # 'path': all of the level's output path (paper); 'level': its own group only
     )
     config.train.fresh_optimizer_per_level = True  # the paper restarts Adam at every level
+    # Level 1's two layers at the start of its training: 'random' (the paper) or 'upsample' (set
+    # to reproduce level 2's image upsampled; model.upsampling_start).
+    config.train.level1_start = 'random'
     config.train.vgg_weights = (
         ''  # imagenet-vgg-verydeep-19.mat or .npz; needed when a loss.vgg > 0
     )

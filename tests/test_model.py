@@ -74,6 +74,53 @@ def test_init_creates_full_tree_at_any_level():
     assert jax.tree.structure(full) == jax.tree.structure(coarse)
 
 
+def test_init_schemes():
+    """'pynet' draws as the original (tf.truncated_normal(stddev=0.01), conv biases 0.01); 'he'
+    scales each kernel by its fan-in. Both leave instance norm at scale 1, shift 0."""
+    model = model_lib.PyNET(channels=8)
+    pynet = model_lib.init_params(model, jax.random.key(0), scheme='pynet')
+    he = model_lib.init_params(model, jax.random.key(0), scheme='he')
+    flat = lambda p: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(p)}
+    pynet, he = flat(pynet), flat(he)
+    kernels = np.concatenate([v.ravel() for k, v in pynet.items() if k.endswith("['kernel']")])
+    assert np.abs(kernels).max() <= 0.02 and kernels.size > 100_000
+    # A normal truncated at 2 sigma has std 0.880 sigma.
+    np.testing.assert_allclose(kernels.std(), 0.00880, rtol=0.02)
+    np.testing.assert_allclose(kernels.mean(), 0, atol=2e-4)
+    for key, value in pynet.items():
+        if key.endswith("['norm']['scale']"):
+            assert (value == 1).all() and (he[key] == 1).all()
+        elif key.endswith("['norm']['bias']"):
+            assert (value == 0).all() and (he[key] == 0).all()
+        elif key.endswith("['bias']"):
+            assert (value == np.float32(0.01)).all() and (he[key] == 0).all(), key
+    # He: std = gain / sqrt(k * k * inputs), e.g. for one of level 3's 9x9 convs.
+    kernel = he["['level3']['d5']['k9a']['conv']['kernel']"]
+    fan_in = 9 * 9 * kernel.shape[2]
+    np.testing.assert_allclose(kernel.std(), model_lib.LEAKY_RELU_GAIN / np.sqrt(fan_in), rtol=0.05)
+    with pytest.raises(ValueError, match='Unknown init scheme'):
+        model_lib.init_params(model, jax.random.key(0), scheme='xavier')
+
+
+def test_upsampling_start_makes_level1_level2_upsampled():
+    model = model_lib.PyNET(channels=4)
+    params = model_lib.init_params(model, jax.random.key(0), scheme='he')
+    x = jax.random.uniform(jax.random.key(1), (1, 64, 64, 4))
+    before = model.apply({'params': params}, x, level=2)[2]
+    out = model.apply({'params': model_lib.upsampling_start(params)}, x, level=1)
+    image = lambda z: np.tanh(z) * 0.58 + 0.5
+    # Level 2's logits, recovered from its image (the start shifts them by UPSAMPLING_SHIFT).
+    z = np.arctanh((np.asarray(out[2], np.float64)[0] - 0.5) / 0.58) - model_lib.UPSAMPLING_SHIFT
+    np.testing.assert_allclose(image(z), np.asarray(before)[0], atol=1e-5)  # the same logits
+    level1 = np.asarray(out[1], np.float64)[0]
+    assert level1.shape == (128, 128, 3)
+    np.testing.assert_allclose(level1[1::2, 1::2], image(z), atol=1e-5)  # copies
+    np.testing.assert_allclose(level1[2::2, 1::2], image((z[:-1] + z[1:]) / 2), atol=1e-5)
+    np.testing.assert_allclose(level1[1::2, 2::2], image((z[:, :-1] + z[:, 1:]) / 2), atol=1e-5)
+    corners = (z[:-1, :-1] + z[1:, :-1] + z[:-1, 1:] + z[1:, 1:]) / 4
+    np.testing.assert_allclose(level1[2::2, 2::2], image(corners), atol=1e-5)
+
+
 def test_rgb_only_input():
     model = model_lib.PyNET(channels=4)
     params = model_lib.init_params(model, jax.random.key(0), input_channels=3)

@@ -25,10 +25,10 @@ def launch(*args):
 
 
 def make_params(input_channels: int, seed: int = 0):
-    """Random tiny PyNET; kernels get a gain of 1.4 (He for leaky ReLU) so that the level-1 output
+    """Random tiny PyNET; He's init and a gain of 1.4 on the kernels so that the level-1 output
     varies across the image instead of sitting near 0.5."""
     params = model_lib.init_params(
-        model_lib.PyNET(CHANNELS), jax.random.key(seed), input_channels=input_channels
+        model_lib.PyNET(CHANNELS), jax.random.key(seed), input_channels=input_channels, scheme='he'
     )
     return jax.tree_util.tree_map_with_path(
         lambda path, x: x * np.float32(1.4) if path[-1].key == 'kernel' else x, params

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 import tfds_ebb
 from tfds_ebb.ebb import ebb_dataset_builder as ebb
+from tfds_ebb.synthetic_bokeh import scenes
 from tfds_ebb.synthetic_bokeh import synthetic_bokeh_dataset_builder as synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -259,6 +260,19 @@ def test_synthetic_is_deterministic_by_seed(tmp_path):
         assert a['sharp'] != c['sharp']
 
 
+def test_synthetic_subject_is_nearest_unless_foreground():
+    """Without `foreground` the focus is at the nearest depth of every scene; with it, objects in
+    front of the subject put the focus elsewhere in some scenes."""
+    def scene(i, foreground):
+        return scenes.make_scene(np.random.default_rng([0, 0, i]), 64, 96, foreground)
+
+    for i in range(40):
+        plain = scene(i, False)
+        assert plain.focus == plain.disparity.max() == 1.0
+    focus = [scene(i, True).focus for i in range(40)]
+    assert sum(f < 0.99 for f in focus) >= 10, focus
+
+
 @pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
 def test_synthetic_features_match_ebb(tmp_path, file_format):
     builder = build_synthetic(tmp_path / 'data', file_format=file_format)
@@ -294,14 +308,15 @@ def test_tfds_build_command(tmp_path):
                    cwd=REPO, env=env, check=True, capture_output=True)
     builder = tfds.builder('ebb', config='rgbd', data_dir=str(tmp_path / 'data'))
     assert builder.info.splits['train'].num_examples == 3
-    subprocess.run(command + ['synthetic_bokeh/rgb/num_train=2,num_validation=1,width=64',
+    subprocess.run(command + ['synthetic_bokeh/rgb/num_train=2,num_validation=1,width=64,'
+                              'foreground=True',
                               '--imports=tfds_ebb', f'--data_dir={tmp_path / "data"}',
                               '--file_format=tfrecord'],
                    cwd=REPO, env={**env, 'PYTHONPATH': str(REPO)}, check=True,
                    capture_output=True)
     builder = tfds.builder('synthetic_bokeh', config='rgb', data_dir=str(tmp_path / 'data'))
     assert builder.info.splits['train'].num_examples == 2
-    assert builder.info.metadata['width'] == 64
+    assert builder.info.metadata['width'] == 64 and builder.info.metadata['foreground'] is True
 
 
 def test_package_registers_both_builders():

@@ -164,6 +164,7 @@ def test_shipped_configs_are_valid(variant):
     ('train.level6.trainable', 'everything', 'config.train.level6.trainable must be'),
     ('train.level6.trainable', 'level6,level9', 'config.train.level6.trainable must be'),
     ('model.conv_impl', 'fast', 'config.model.conv_impl must be one of'),
+    ('model.init', 'xavier', 'config.model.init must be one of'),
     ('train.level7.learning_rate', 0.0, 'config.train.level7.learning_rate must be > 0'),
     ('train.level7.lr_schedule', 'linear', 'config.train.level7.lr_schedule must be one of'),
     ('train.level7.warmup_steps', 2, r'config.train.level7.warmup_steps must be an integer in'),
@@ -189,6 +190,22 @@ def test_vgg_loss_without_weights_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match='VGG-19 weights'):
         train.train_and_evaluate(config, str(tmp_path / 'work'))
     assert not os.path.exists(tmp_path / 'never_built')  # nothing was built or compiled
+
+
+def test_level1_upsampling_start(tmp_path, data_dir):
+    """With level1_start='upsample', level 1 trains from model.upsampling_start of level 2's final
+    parameters (here at a negligible rate, so that its saved parameters are still that start)."""
+    config = tiny_config(data_dir, **{
+        'train.order': (2, 1), 'train.level1_start': 'upsample', 'train.level1.trainable': 'level',
+        'train.level1.learning_rate': 1e-12, 'train.final_eval': False})
+    workdir = str(tmp_path / 'work')
+    train.train_and_evaluate(config, workdir)
+    level2, _ = checkpoint.load_params(workdir, 2)
+    level1, _ = checkpoint.load_params(workdir, 1)
+    expected = model_lib.upsampling_start(level2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-9), level1, expected)
+    assert not np.allclose(level1['level1']['up']['conv']['kernel'],
+                           level2['level1']['up']['conv']['kernel'])
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):

@@ -3,8 +3,12 @@
 A scene is linear radiance (highlights well above 1) plus a disparity map (near = 1). It is
 built back to front: a far background (a flat wall, or a wall above a ground plane that comes
 closer towards the bottom), small bright highlights on it, objects of varied shapes, textures
-and colours at intermediate depths, and a subject in the centre that the camera focuses on
-(occasionally with objects in front of it, off centre). `render_pair` turns a scene into what
+and colours at intermediate depths, and a subject in the centre that the camera focuses on.
+By default the subject is the nearest thing in the scene, so the focus is at the brightest value
+of every depth map and the blur of a pixel follows from its depth alone. With `foreground`,
+objects may also stand in front of the subject (off centre) and the ground may come nearer than
+it: the depth in focus then varies from scene to scene (after the map's stretch to 0..255), and a
+model must find the subject to know it. `render_pair` turns a scene into what
 the dataset stores: the sharp photo, the bokeh photo rendered by the thin-lens renderer of
 `bokeh_jax.classical`, and the 8-bit half-resolution depth map.
 
@@ -118,7 +122,12 @@ def _touches(box, coverage: np.ndarray, window) -> bool:
                          cols.start - box[1].start:cols.stop - box[1].start].max() > 0)
 
 
-def make_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
+# Nearest disparity of the ground without `foreground`: below any subject's (0.5 and up).
+GROUND_LIMIT = 0.45
+
+
+def make_scene(rng: np.random.Generator, height: int, width: int, foreground: bool = False
+               ) -> Scene:
     """A random scene of height x width pixels (see the module docstring)."""
     # Background: a wall, or a wall above a ground plane approaching towards the bottom.
     radiance = classical.srgb_to_linear(_texture(rng, height, width))
@@ -128,6 +137,8 @@ def make_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
         horizon = int(rng.uniform(0.4, 0.8) * height)
         ground = np.linspace(0, 1, height - horizon, dtype=np.float32)[:, None]
         disparity[horizon:] = wall + rng.uniform(0.2, 0.5) * ground
+        if not foreground:
+            disparity = np.minimum(disparity, np.float32(GROUND_LIMIT))
         radiance[horizon:] = classical.srgb_to_linear(_texture(rng, height - horizon, width))
     radiance *= rng.uniform(0.5, 1.0)  # overall exposure
 
@@ -158,9 +169,10 @@ def make_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
         radius *= 1.2
     objects.append((subject_disparity, box, coverage))
 
-    # Other objects: mostly behind the subject; some in front, kept out of the focus window.
+    # Other objects: behind the subject; with `foreground` a quarter of them in front, kept out of
+    # the focus window.
     for _ in range(int(rng.integers(2, 7))):
-        in_front = rng.random() < 0.25
+        in_front = rng.random() < 0.25 and foreground
         r = rng.uniform(0.06, 0.25) * size
         if in_front:
             d = rng.uniform(subject_disparity + 0.05, 1.0)

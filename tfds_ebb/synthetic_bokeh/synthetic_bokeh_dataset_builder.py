@@ -34,7 +34,7 @@ from . import scenes
 _SPLIT_CODES = {'train': 0, 'validation': 1}
 _JPEG_QUALITY = 95
 # Bumped whenever scenes.py or the renderer change what a given seed produces.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the subject is the nearest object unless `foreground`
 
 _DESCRIPTION = """\
 Synthetic stand-in for EBB!: procedurally generated scenes (textured shapes at several depths,
@@ -54,6 +54,8 @@ class Generation:
       seed: scene i of split s is generated from (seed, s, i).
       strength: blur disc diameter, as a fraction of the height, for |disparity - focus| = 1
         (the aperture: larger is shallower depth of field).
+      foreground: objects and ground may come nearer than the subject (scenes.py), so the depth
+        in focus varies between scenes; without it the subject is nearest in every scene.
     """
     num_train: int = 300
     num_validation: int = 40
@@ -61,6 +63,7 @@ class Generation:
     width: int = 384
     seed: int = 0
     strength: float = scenes.STRENGTH
+    foreground: bool = False
 
     def __post_init__(self):
         for field in ('height', 'width'):
@@ -75,6 +78,15 @@ class Generation:
 
     def metadata(self) -> dict[str, int | float]:
         return {**dataclasses.asdict(self), 'generator_version': GENERATOR_VERSION}
+
+
+def _flag(value: bool | str) -> bool:
+    """A bool builder argument; the `tfds build` command line passes strings."""
+    if isinstance(value, str):
+        if value.lower() not in ('true', 'false', '1', '0'):
+            raise ValueError(f'synthetic_bokeh: foreground must be true or false, got {value!r}')
+        return value.lower() in ('true', '1')
+    return bool(value)
 
 
 def feature_spec(with_depth: bool) -> tfds.features.FeaturesDict:
@@ -109,7 +121,7 @@ def make_example(generation: Generation, with_depth: bool, split: str, index: in
                  ) -> dict[str, str | bytes]:
     """Scene `index` of `split` as a feature dict (a pure function of its arguments)."""
     rng = np.random.default_rng([generation.seed, _SPLIT_CODES[split], index])
-    scene = scenes.make_scene(rng, generation.height, generation.width)
+    scene = scenes.make_scene(rng, generation.height, generation.width, generation.foreground)
     sharp, bokeh, depth = scenes.render_pair(scene, generation.strength)
     example = {'id': f'{split}_{index:05d}', 'sharp': _encode(sharp, 'JPEG'),
                'bokeh': _encode(bokeh, 'JPEG')}
@@ -133,10 +145,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, num_train: int = Generation.num_train,
                  num_validation: int = Generation.num_validation, height: int = Generation.height,
                  width: int = Generation.width, seed: int = Generation.seed,
-                 strength: float = Generation.strength, **kwargs):
+                 strength: float = Generation.strength,
+                 foreground: bool = Generation.foreground, **kwargs):
         """Builder arguments besides TFDS's own: the fields of `Generation`."""
         self.generation = Generation(num_train, num_validation, height, width, seed,
-                                     float(strength))
+                                     float(strength), _flag(foreground))
         super().__init__(**kwargs)
 
     @property
