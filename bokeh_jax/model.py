@@ -619,8 +619,8 @@ def init_params(
     `tf.truncated_normal(stddev=0.01)`), conv biases 0.01. 'he' (a deviation, not the paper's):
     kernels ~ N(0, gain^2/fan_in), He's init for leaky ReLU 0.2 (gain sqrt(2/1.04); fan_in = k*k*
     input channels of the layer), biases 0; it keeps the signal's scale through level 3's ~20
-    norm-free layers, where the fixed 0.01 shrinks it by about half per layer at width 32 (and far
-    more at small widths). Both: instance-norm scale 1 and shift 0.
+    norm-free layers, which a fixed std of 0.01 shrinks at every layer with fewer than ~10^4
+    inputs (all of them at small widths). Both: instance-norm scale 1 and shift 0.
     The shapes come from `model.init` traced abstractly; the values are drawn with numpy from
     `rng`, because compiling Flax's per-parameter threefry init for 440 tensors takes tens of
     seconds on CPU, far longer than the forward pass itself.

@@ -271,6 +271,11 @@ def test_synthetic_subject_is_nearest_unless_foreground():
         assert plain.focus == plain.disparity.max() == 1.0
     focus = [scene(i, True).focus for i in range(40)]
     assert sum(f < 0.99 for f in focus) >= 10, focus
+    # From the command line `foreground=false` arrives as a string.
+    for value, expected in (('false', False), ('True', True), (0, False)):
+        assert synthetic.Builder(foreground=value).generation.foreground is expected
+    with pytest.raises(ValueError, match='foreground must be true or false'):
+        synthetic.Builder(foreground='maybe')
 
 
 @pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])

@@ -8,9 +8,9 @@ By default the subject is the nearest thing in the scene, so the focus is at the
 of every depth map and the blur of a pixel follows from its depth alone. With `foreground`,
 objects may also stand in front of the subject (off centre) and the ground may come nearer than
 it: the depth in focus then varies from scene to scene (after the map's stretch to 0..255), and a
-model must find the subject to know it. `render_pair` turns a scene into what
-the dataset stores: the sharp photo, the bokeh photo rendered by the thin-lens renderer of
-`bokeh_jax.classical`, and the 8-bit half-resolution depth map.
+model must find the subject to know it. `render_pair` turns a scene into what the dataset stores:
+the sharp photo, the bokeh photo rendered by the thin-lens renderer of `bokeh_jax.classical`, and
+the 8-bit half-resolution depth map.
 
 Everything is a pure function of the numpy Generator passed in, so a scene is fixed by its seed.
 """

@@ -81,7 +81,8 @@ class Generation:
 
 
 def _flag(value: bool | str) -> bool:
-    """A bool builder argument; the `tfds build` command line passes strings."""
+    """A bool builder argument. The `tfds build` command line turns only `True`/`False` into
+    bools; `foreground=false` would arrive as a non-empty (truthy) string."""
     if isinstance(value, str):
         if value.lower() not in ('true', 'false', '1', '0'):
             raise ValueError(f'synthetic_bokeh: foreground must be true or false, got {value!r}')
