@@ -2,10 +2,9 @@
 
 Each holds two items: `params` (the PyNET parameter tree, float32) and `meta` (JSON: `channels`,
 `input_channels`, `level`, `source`, and whatever the writer adds). Training writes one at the end
-of
-every level; `launch.py --mode=convert` writes `level_1` from the released TF checkpoint. Render,
-eval and fine-tuning read them with `load_params`. Resumable training state lives separately in
-`WORKDIR/checkpoints/` (see train.py).
+of every level; `launch.py --mode=convert` writes `level_1` from the released TF checkpoint.
+Render, eval and fine-tuning read them with `load_params`. Resumable training state lives
+separately in `WORKDIR/checkpoints/` (see train.py).
 """
 
 import os

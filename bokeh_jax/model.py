@@ -589,7 +589,10 @@ def upsampling_start(params: Any, shift: float = UPSAMPLING_SHIFT) -> Any:
     changes (its logits moved); level 1 is what reads them. A deviation from the paper, which
     starts level 1 from its random init (config `train.level1_start`).
     """
-    params = jax.tree.map(np.array, params)  # a copy; float32 numpy leaves
+    # A new tree that shares every array except the five replaced below.
+    params = {**params, 'level1': jax.tree.map(np.array, params['level1']),
+              'level2': {**params['level2'], 'logits': jax.tree.map(
+                  np.array, params['level2']['logits'])}}
     taps = np.array([0.5, 1.0, 0.5], np.float32)
     eye = np.eye(3, dtype=np.float32)
     params['level1']['up']['conv']['kernel'] = np.einsum('i,j,oc->ijoc', taps, taps, eye)

@@ -46,6 +46,7 @@ from bokeh_jax import model as model_lib
 AXIS = 'batch'
 LOSS_TERMS = ('mae', 'vgg', 'ssim')
 LR_SCHEDULES = ('constant', 'cosine', 'linear_decay')
+LEVEL1_STARTS = ('random', 'upsample')  # config.train.level1_start
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -69,12 +70,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         raise ValueError(f'config.data.crop_size must be a positive multiple of '
                          f'{model_lib.SIZE_MULTIPLE}, got {crop!r}')
     model_lib.check_conv_impl(config.model.conv_impl)
-    if config.train.level1_start not in ('random', 'upsample'):
-        raise ValueError(f"config.train.level1_start must be 'random' or 'upsample', got "
-                         f'{config.train.level1_start!r}')
-    if config.model.init not in model_lib.INIT_SCHEMES:
-        raise ValueError(f'config.model.init must be one of {model_lib.INIT_SCHEMES}, '
-                         f'got {config.model.init!r}')
+    _check_choice(config.train.level1_start, LEVEL1_STARTS, 'config.train.level1_start')
+    _check_choice(config.model.init, model_lib.INIT_SCHEMES, 'config.model.init')
     _check_trainable(config.train.trainable, 'config.train.trainable')
     for level in order:
         if level_config(config, level).trainable:
@@ -92,9 +89,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
                              f'{device_count} devices (all processes) that share it')
         if not cfg.learning_rate > 0:
             raise ValueError(f'{name}.learning_rate must be > 0, got {cfg.learning_rate!r}')
-        if cfg.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f'{name}.lr_schedule must be one of {LR_SCHEDULES}, '
-                             f'got {cfg.lr_schedule!r}')
+        _check_choice(cfg.lr_schedule, LR_SCHEDULES, f'{name}.lr_schedule')
         for key, limit in (('warmup_steps', cfg.steps - 1), ('decay_steps', cfg.steps)):
             if not isinstance(cfg[key], int) or not 0 <= cfg[key] <= limit:
                 raise ValueError(f'{name}.{key} must be an integer in [0, {limit}] '
@@ -109,6 +104,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     for key in ('log_every', 'checkpoint_every'):
         if config.train[key] <= 0:
             raise ValueError(f'config.train.{key} must be > 0, got {config.train[key]!r}')
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], field: str) -> None:
+    if value not in choices:
+        raise ValueError(f'{field} must be one of {choices}, got {value!r}')
 
 
 def _check_trainable(mode: Any, field: str) -> None:

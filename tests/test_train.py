@@ -165,6 +165,7 @@ def test_shipped_configs_are_valid(variant):
     ('train.level6.trainable', 'level6,level9', 'config.train.level6.trainable must be'),
     ('model.conv_impl', 'fast', 'config.model.conv_impl must be one of'),
     ('model.init', 'xavier', 'config.model.init must be one of'),
+    ('train.level1_start', 'bilinear', 'config.train.level1_start must be one of'),
     ('train.level7.learning_rate', 0.0, 'config.train.level7.learning_rate must be > 0'),
     ('train.level7.lr_schedule', 'linear', 'config.train.level7.lr_schedule must be one of'),
     ('train.level7.warmup_steps', 2, r'config.train.level7.warmup_steps must be an integer in'),

@@ -138,7 +138,7 @@ def make_scene(rng: np.random.Generator, height: int, width: int, foreground: bo
         ground = np.linspace(0, 1, height - horizon, dtype=np.float32)[:, None]
         disparity[horizon:] = wall + rng.uniform(0.2, 0.5) * ground
         if not foreground:
-            disparity = np.minimum(disparity, np.float32(GROUND_LIMIT))
+            np.minimum(disparity[horizon:], GROUND_LIMIT, out=disparity[horizon:])
         radiance[horizon:] = classical.srgb_to_linear(_texture(rng, height - horizon, width))
     radiance *= rng.uniform(0.5, 1.0)  # overall exposure
 
