@@ -4,7 +4,9 @@ Levels run in `config.train.order` (paper: 7, 6, ..., 1), each for its own steps
 learning rate and loss weights, each starting from the parameters the previous level ended with.
 One `jax.pmap`-ped step per level; gradients and metrics are averaged over all devices of all
 processes with `lax.pmean`. The trainable subset is declarative: `trainable_mask` labels every
-parameter from its path, and the optimizer zeroes the updates of the rest.
+parameter from its path, and the optimizer zeroes the updates of the rest. A level may end with a
+finetune stage (`config.train.levelK.finetune`, not in the paper): more steps with another
+trainable subset and learning rate, from fresh Adam state.
 
 Workdir layout:
   checkpoints/<global step>/   resumable state (orbax CheckpointManager): params, Adam state, meta
@@ -20,6 +22,7 @@ The model has no stochastic layers: all randomness of training is the data sampl
 input pipeline derives from (config.seed, level, step). That is what makes resumption exact.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -56,6 +59,49 @@ def level_config(config: ml_collections.ConfigDict, level: int) -> ml_collection
     return config.train[f'level{level}']
 
 
+# Fields of config.train.levelK.finetune that replace the level's own in its second stage.
+FINETUNE_FIELDS = ('learning_rate', 'lr_schedule', 'warmup_steps', 'decay_steps', 'trainable')
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A run of steps of one level with one optimizer: level steps [first, first + cfg.steps).
+
+    cfg is the level's config with this stage's steps (its length: the learning-rate schedule
+    spans it), learning rate and schedule, and `trainable` resolved to a mode.
+    """
+    level: int
+    first: int
+    cfg: ml_collections.ConfigDict
+    name: str  # the config field, for messages
+
+    @property
+    def end(self) -> int:
+        return self.first + self.cfg.steps
+
+
+def stages(config: ml_collections.ConfigDict, level: int) -> list[Stage]:
+    """The level's stages: its own steps, then `finetune.steps` more (when > 0) with the finetune's
+    trainable parameters and learning rate, from fresh Adam state."""
+    cfg = level_config(config, level)
+    main = ml_collections.ConfigDict(cfg.to_dict())
+    main.trainable = cfg.trainable or config.train.trainable
+    out = [Stage(level, 0, main, f'config.train.level{level}')]
+    finetune = cfg.get('finetune')
+    if finetune is not None and finetune.steps:
+        second = ml_collections.ConfigDict(main.to_dict())
+        second.steps = finetune.steps
+        for key in FINETUNE_FIELDS:
+            second[key] = finetune[key]
+        out.append(Stage(level, cfg.steps, second, f'config.train.level{level}.finetune'))
+    return out
+
+
+def level_steps(config: ml_collections.ConfigDict, level: int) -> int:
+    """Steps of the level, all stages."""
+    return stages(config, level)[-1].end
+
+
 def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
     """Rejects a config that cannot train, naming the field, before anything is compiled."""
     order = tuple(config.train.order)
@@ -74,36 +120,43 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     _check_choice(config.model.init, model_lib.INIT_SCHEMES, 'config.model.init')
     _check_trainable(config.train.trainable, 'config.train.trainable')
     for level in order:
-        if level_config(config, level).trainable:
-            _check_trainable(level_config(config, level).trainable,
-                             f'config.train.level{level}.trainable')
-    for level in order:
         cfg, name = level_config(config, level), f'config.train.level{level}'
-        if not isinstance(cfg.steps, int) or cfg.steps <= 0:
-            raise ValueError(f'{name}.steps must be a positive integer, got {cfg.steps!r}')
         if not isinstance(cfg.batch_size, int) or cfg.batch_size <= 0:
             raise ValueError(f'{name}.batch_size must be a positive integer, '
                              f'got {cfg.batch_size!r}')
         if cfg.batch_size % device_count:
             raise ValueError(f'{name}.batch_size={cfg.batch_size} is not divisible by the '
                              f'{device_count} devices (all processes) that share it')
-        if not cfg.learning_rate > 0:
-            raise ValueError(f'{name}.learning_rate must be > 0, got {cfg.learning_rate!r}')
-        _check_choice(cfg.lr_schedule, LR_SCHEDULES, f'{name}.lr_schedule')
-        for key, limit in (('warmup_steps', cfg.steps - 1), ('decay_steps', cfg.steps)):
-            if not isinstance(cfg[key], int) or not 0 <= cfg[key] <= limit:
-                raise ValueError(f'{name}.{key} must be an integer in [0, {limit}] '
-                                 f'(steps={cfg.steps}), got {cfg[key]!r}')
-        if cfg.lr_schedule == 'linear_decay' and cfg.warmup_steps + cfg.decay_steps > cfg.steps:
-            raise ValueError(f'{name}.warmup_steps + decay_steps must be <= steps={cfg.steps}, '
-                             f'got {cfg.warmup_steps} + {cfg.decay_steps}')
         weights = {term: cfg.loss[term] for term in LOSS_TERMS}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ValueError(f'{name}.loss weights must be >= 0 with at least one > 0, '
                              f'got {weights}')
+        if not isinstance(cfg.steps, int) or cfg.steps <= 0:
+            raise ValueError(f'{name}.steps must be a positive integer, got {cfg.steps!r}')
+        finetune = cfg.get('finetune')
+        if finetune is not None and (not isinstance(finetune.steps, int) or finetune.steps < 0):
+            raise ValueError(f'{name}.finetune.steps must be an integer >= 0 (0 = no finetune '
+                             f'stage), got {finetune.steps!r}')
+        for stage in stages(config, level):
+            _check_stage(stage)
     for key in ('log_every', 'checkpoint_every'):
         if config.train[key] <= 0:
             raise ValueError(f'config.train.{key} must be > 0, got {config.train[key]!r}')
+
+
+def _check_stage(stage: Stage) -> None:
+    cfg, name = stage.cfg, stage.name
+    _check_trainable(cfg.trainable, f'{name}.trainable')
+    if not cfg.learning_rate > 0:
+        raise ValueError(f'{name}.learning_rate must be > 0, got {cfg.learning_rate!r}')
+    _check_choice(cfg.lr_schedule, LR_SCHEDULES, f'{name}.lr_schedule')
+    for key, limit in (('warmup_steps', cfg.steps - 1), ('decay_steps', cfg.steps)):
+        if not isinstance(cfg[key], int) or not 0 <= cfg[key] <= limit:
+            raise ValueError(f'{name}.{key} must be an integer in [0, {limit}] '
+                             f'(steps={cfg.steps}), got {cfg[key]!r}')
+    if cfg.lr_schedule == 'linear_decay' and cfg.warmup_steps + cfg.decay_steps > cfg.steps:
+        raise ValueError(f'{name}.warmup_steps + decay_steps must be <= steps={cfg.steps}, '
+                         f'got {cfg.warmup_steps} + {cfg.decay_steps}')
 
 
 def _check_choice(value: Any, choices: tuple[str, ...], field: str) -> None:
@@ -144,10 +197,6 @@ def trainable_mask(params: Any, level: int, mode: str) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: keep([k.key for k in p]), params)
 
 
-def trainable_mode(config: ml_collections.ConfigDict, level: int) -> str:
-    return level_config(config, level).trainable or config.train.trainable
-
-
 def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     """The level's learning rate by step.
 
@@ -172,19 +221,24 @@ def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([schedule for _, schedule in pieces], boundaries)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, level: int) -> optax.GradientTransformation:
-    """Adam at the level's learning rate (schedule); updates of frozen parameters are zeroed.
+def make_optimizer(config: ml_collections.ConfigDict, level: int, stage: Stage | None = None
+                   ) -> optax.GradientTransformation:
+    """Adam at the stage's learning rate (schedule); updates of frozen parameters are zeroed.
+
+    stage: one of `stages(config, level)`; None = the first (the level's own settings).
 
     The state is (Adam moments, schedule step count, mask) with the same structure at every level
-    (moments for all parameters; those never reached by a gradient stay zero), which is what lets
-    `fresh_optimizer_per_level=False` carry the moments (`carry_moments`) to the next level.
+    and stage (moments for all parameters; those never reached by a gradient stay zero), which is
+    what lets `fresh_optimizer_per_level=False` carry the moments (`carry_moments`) to the next
+    level, and any checkpoint restore into any stage's state.
     """
-    mode = trainable_mode(config, level)
-    frozen = lambda params: jax.tree.map(lambda t: not t, trainable_mask(params, level, mode))
+    cfg = (stage or stages(config, level)[0]).cfg
+    frozen = lambda params: jax.tree.map(lambda t: not t,
+                                         trainable_mask(params, level, cfg.trainable))
     return optax.chain(
         optax.scale_by_adam(b1=config.train.adam_b1, b2=config.train.adam_b2,
                             eps=config.train.adam_eps),
-        optax.scale_by_learning_rate(learning_rate(level_config(config, level))),
+        optax.scale_by_learning_rate(learning_rate(cfg)),
         optax.masked(optax.set_to_zero(), frozen),
     )
 
@@ -401,7 +455,7 @@ class Logger:
                 self.writer.close()
 
 
-def _progress(level: int, start: int, total: int, enabled: bool):
+def _progress(level: int | str, start: int, total: int, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, initial=start, desc=f'level {level}', disable=not enabled,
                 dynamic_ncols=True, mininterval=1.0)
@@ -455,8 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager = checkpoint_manager(workdir, config)
     logger = Logger(workdir, is_main)
     order = tuple(config.train.order)
-    offsets = dict(zip(order, map(int, np.cumsum([0] + [level_config(config, k).steps
-                                                         for k in order]))))
+    offsets = dict(zip(order, map(int, np.cumsum([0] + [level_steps(config, k) for k in order]))))
     vgg_replicated = replicate(vgg_params if vgg_params is not None else {})
     latest = latest_meta(manager)
     finished = {k for k in checkpoint_lib.saved_levels(workdir)
@@ -468,8 +521,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         with StopRequest() as stop:
             for level in order:
-                cfg = level_config(config, level)
-                tx = make_optimizer(config, level)
                 if level in finished:
                     params, _ = checkpoint_lib.load_params(workdir, level)
                     logging.info('Level %d already finished; skipping', level)
@@ -481,21 +532,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if level == 1 and config.train.level1_start == 'upsample':
                     # Before any restore: a resumed level 1 gets its checkpointed parameters.
                     params = model_lib.upsampling_start(params)
-                if opt_state is None or config.train.fresh_optimizer_per_level:
-                    opt_state = tx.init(params)
-                else:
-                    opt_state = carry_moments(opt_state, tx.init(params))
-                state = TrainState(step=np.int32(0), params=params, opt_state=opt_state)
-                if latest is not None and latest.get('level') == level:
-                    state = restore_state(manager, latest['global_step'], state)
-                    logging.info('Resuming level %d at step %d', level, int(state.step))
-                state = _train_level(config, workdir, level, cfg, model, tx, state, manager,
-                                     offsets[level], vgg_replicated, logger, stop, model_meta)
-                params, opt_state = state.params, state.opt_state
-                checkpoint_lib.save_params(workdir, level, params,
-                                           {**model_meta, 'steps': cfg.steps})
+                for index, stage in enumerate(stages(config, level)):
+                    tx = make_optimizer(config, level, stage)
+                    if index or opt_state is None or config.train.fresh_optimizer_per_level:
+                        opt_state = tx.init(params)  # a finetune stage always starts afresh
+                    else:
+                        opt_state = carry_moments(opt_state, tx.init(params))
+                    state = TrainState(step=np.int32(stage.first), params=params,
+                                       opt_state=opt_state)
+                    # The checkpoint at a stage's last step belongs to that stage: the next one
+                    # starts from its parameters with its own fresh optimizer state.
+                    if (latest is not None and latest.get('level') == level
+                            and latest['level_step'] > stage.first):
+                        state = restore_state(manager, latest['global_step'], state)
+                        logging.info('Resuming level %d at step %d', level, int(state.step))
+                    state = _train_level(config, workdir, stage, model, tx, state, manager,
+                                         offsets[level], vgg_replicated, logger, stop, model_meta)
+                    params, opt_state = state.params, state.opt_state
+                    if stage.end < level_steps(config, level):  # the score before finetuning
+                        _validate(config, params, model_meta, level, logger,
+                                  offsets[level] + stage.end)
+                steps = level_steps(config, level)
+                checkpoint_lib.save_params(workdir, level, params, {**model_meta, 'steps': steps})
                 summary[level] = _validate(config, params, model_meta, level, logger,
-                                           offsets[level] + cfg.steps)
+                                           offsets[level] + steps)
     finally:
         manager.wait_until_finished()
         manager.close()
@@ -521,13 +581,14 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str, level: int
     return result
 
 
-def _train_level(config, workdir, level, cfg, model, tx, state, manager, offset, vgg_params,
+def _train_level(config, workdir, stage: Stage, model, tx, state, manager, offset, vgg_params,
                  logger, stop, model_meta) -> TrainState:
-    """Runs one level from state.step to cfg.steps; returns the host (unreplicated) state."""
-    start = int(state.step)
-    if start >= cfg.steps:
+    """Runs a stage of a level from state.step to stage.end; returns the host (unreplicated)
+    state. `offset` is the level's first global step."""
+    level, cfg, start, end = stage.level, stage.cfg, int(state.step), stage.end
+    if start >= end:
         return state
-    trainable = trainable_mask(state.params, level, trainable_mode(config, level))
+    trainable = trainable_mask(state.params, level, cfg.trainable)
     # Donating the state saves a copy of it on accelerators; on CPU it made steps ~8% slower
     # (median of 8 paired runs of the demo's level-3 step).
     donate = () if jax.default_backend() == 'cpu' else (0,)
@@ -542,10 +603,10 @@ def _train_level(config, workdir, level, cfg, model, tx, state, manager, offset,
     # fetched it from the compilation cache) each time, ~3 s per summary at the demo's level 3.
     forward = jax.jit(functools.partial(model.apply, level=level))
     state = replicate(state)
-    bar = _progress(level, start, cfg.steps, logger.enabled)
+    bar = _progress(level if stage.first == 0 else f'{level} finetune', start, end, logger.enabled)
     last_saved, timer, images_seen = start, time.perf_counter(), 0
     try:
-        for step in range(start, cfg.steps):
+        for step in range(start, end):
             if all_processes_agree(stop.signal is not None):
                 if step != last_saved:
                     save_state(manager, offset + step, state, meta(step))
@@ -564,23 +625,23 @@ def _train_level(config, workdir, level, cfg, model, tx, state, manager, offset,
             done = step + 1
             bar.update(1)
             bar.set_postfix(loss=f'{metrics["loss"]:.4f}', psnr=f'{metrics["psnr"]:.2f}')
-            if done % config.train.log_every == 0 or done == cfg.steps:
+            if done % config.train.log_every == 0 or done == end:
                 elapsed = time.perf_counter() - timer
                 logger.scalars(offset + done, {
                     'level': level, 'step': done, **metrics,
                     'steps_per_s': (images_seen / cfg.batch_size) / elapsed,
                     'images_per_s': images_seen / elapsed})
                 timer, images_seen = time.perf_counter(), 0
-            if config.train.eval_every and done % config.train.eval_every == 0 and done < cfg.steps:
+            if config.train.eval_every and done % config.train.eval_every == 0 and done < end:
                 _validate(config, unreplicate(state.params), model_meta, level, logger,
                           offset + done)
             if config.train.image_every and done % config.train.image_every == 0:
                 _log_images(logger, forward, state, batch, level, offset + done)
-            if done % config.train.checkpoint_every == 0 and done < cfg.steps:
+            if done % config.train.checkpoint_every == 0 and done < end:
                 save_state(manager, offset + done, state, meta(done))
                 last_saved = done
-        # The level's end is also a checkpoint, so fresh_optimizer_per_level=False can resume.
-        save_state(manager, offset + cfg.steps, state, meta(cfg.steps))
+        # A stage's end is also a checkpoint, so fresh_optimizer_per_level=False can resume.
+        save_state(manager, offset + end, state, meta(end))
     finally:
         bar.close()
         if hasattr(batches, 'close'):

@@ -41,6 +41,17 @@ def level_config(level: int, steps: int, batch_size: int) -> ml_collections.Conf
                 'vgg': 0.1 if fine else 0.0,
                 'ssim': 10.0 if fine else 0.0,
             },
+            # A second stage of the level (not in the paper): `steps` more steps (0 = none) with
+            # these trainable parameters and learning rate, from fresh Adam state. E.g. a level
+            # trained alone ('level') at a high rate, then with its whole path at a low one.
+            'finetune': {
+                'steps': 0,
+                'learning_rate': 5e-5,
+                'lr_schedule': 'constant',
+                'warmup_steps': 0,
+                'decay_steps': 0,
+                'trainable': 'path',
+            },
         }
     )
 

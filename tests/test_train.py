@@ -3,6 +3,7 @@ resumed, and spread over two processes."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,6 +171,7 @@ def test_shipped_configs_are_valid(variant):
     ('train.level7.lr_schedule', 'linear', 'config.train.level7.lr_schedule must be one of'),
     ('train.level7.warmup_steps', 2, r'config.train.level7.warmup_steps must be an integer in'),
     ('train.level7.decay_steps', -1, r'config.train.level7.decay_steps must be an integer in'),
+    ('train.level7.finetune.steps', -1, 'config.train.level7.finetune.steps must be an integer'),
 ])
 def test_bad_config_is_rejected_naming_the_field(field, value, message):
     config = tiny_config('/nonexistent', **{field: value})
@@ -183,6 +185,17 @@ def test_warmup_and_decay_longer_than_the_level_are_rejected():
                                             'train.level7.decay_steps': 2})
     with pytest.raises(ValueError, match=r'config.train.level7.warmup_steps \+ decay_steps'):
         train.validate_config(config, device_count=2)
+
+
+def test_bad_finetune_stage_is_rejected_naming_its_fields():
+    for field, value, message in [
+            ('learning_rate', 0.0, 'config.train.level7.finetune.learning_rate must be > 0'),
+            ('trainable', 'all', 'config.train.level7.finetune.trainable must be'),
+            ('decay_steps', 4, r'config.train.level7.finetune.decay_steps must be an integer in')]:
+        config = tiny_config('/nonexistent', **{'train.level7.finetune.steps': 3,
+                                                f'train.level7.finetune.{field}': value})
+        with pytest.raises(ValueError, match=message):
+            train.validate_config(config, device_count=2)
 
 
 def test_vgg_loss_without_weights_fails_before_training(tmp_path):
@@ -207,6 +220,59 @@ def test_level1_upsampling_start(tmp_path, data_dir):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-9), level1, expected)
     assert not np.allclose(level1['level1']['up']['conv']['kernel'],
                            level2['level1']['up']['conv']['kernel'])
+
+
+def _finetune_config(data_dir: str):
+    """Level 6 alone ('level') for 3 steps, then its whole path for 3 more."""
+    return tiny_config(data_dir, **{
+        'train.order': (7, 6), 'train.level7.steps': 1, 'train.level6.steps': 3,
+        'train.level6.trainable': 'level', 'train.level6.learning_rate': 1e-2,
+        'train.level6.finetune.steps': 3, 'train.level6.finetune.learning_rate': 1e-3,
+        'train.checkpoint_every': 1, 'train.keep_checkpoints': 20, 'train.final_eval': False,
+        'eval.max_images': 1})
+
+
+def test_finetune_stage_trains_the_path_and_resumes_from_either_stage(tmp_path, data_dir):
+    """The second stage trains what the first froze (from fresh Adam state), and a run that lost
+    everything after a checkpoint (killed) resumes to the same parameters, whether it died at the
+    stage boundary or inside the finetune stage."""
+    reference = str(tmp_path / 'reference')
+    config = _finetune_config(data_dir)
+    train.train_and_evaluate(config, reference)
+    checkpoints = os.path.join(reference, 'checkpoints')
+    steps = sorted(int(s) for s in os.listdir(checkpoints) if s.isdigit())
+    assert steps == list(range(1, 8))  # level 7: 1; level 6: 2..7 (global steps)
+    after_level7, _ = checkpoint.load_params(reference, 7)
+    final, meta = checkpoint.load_params(reference, 6)
+    assert meta['steps'] == 6
+    manager = train.checkpoint_manager(reference, config)
+    like = train.TrainState(step=np.int32(0), params=final,
+                            opt_state=train.make_optimizer(config, 6).init(final))
+    boundary = train.restore_state(manager, 4, like)  # level 6 step 3: stage 1 done
+    manager.close()
+    assert int(boundary.step) == 3
+    for group in ('encoder', 'level7'):  # frozen in stage 1, trained in stage 2
+        assert_trees_equal(boundary.params[group], after_level7[group], group)
+        assert not np.allclose(jax.tree.leaves(final[group])[0],
+                               jax.tree.leaves(after_level7[group])[0])
+    assert not np.allclose(jax.tree.leaves(boundary.params['level6'])[0],
+                           jax.tree.leaves(after_level7['level6'])[0])
+    with open(os.path.join(reference, 'metrics.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    assert [(r['level'], r['step']) for r in records if 'loss' in r and r['level'] == 6] == [
+        (6, s) for s in range(1, 7)]
+    assert [r['global_step'] for r in records if 'val_num_images' in r] == [1, 4, 7]
+
+    for kept in (4, 6):  # the stage boundary; inside the finetune stage
+        workdir = str(tmp_path / f'killed_after_{kept}')
+        shutil.copytree(reference, workdir)
+        for step in steps:
+            if step > kept:
+                shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+        shutil.rmtree(os.path.join(workdir, 'params', 'level_6'))
+        train.train_and_evaluate(_finetune_config(data_dir), workdir)
+        resumed, _ = checkpoint.load_params(workdir, 6)
+        assert_trees_equal(resumed, final, f'resumed after global step {kept}')
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
