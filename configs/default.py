@@ -203,7 +203,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
 
 # Demo schedule: (steps, global batch) per level. Most steps go to level 3, the last level that
 # trains the network's trunk on its own (levels 2 and 1 train their own layers first, below).
-DEMO_SCHEDULE = {7: (60, 8), 6: (60, 8), 5: (100, 8), 4: (150, 8), 3: (2200, 4), 2: (300, 4),
+DEMO_SCHEDULE = {7: (100, 8), 6: (100, 8), 5: (150, 8), 4: (200, 8), 3: (2200, 4), 2: (300, 4),
                  1: (100, 4)}
 # Level 2's finetune stage: its whole path, after its own layers have learned to read level 3.
 DEMO_LEVEL2_FINETUNE = {'steps': 500, 'learning_rate': 1e-3, 'lr_schedule': 'linear_decay',
