@@ -532,7 +532,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if level == 1 and config.train.level1_start == 'upsample':
                     # Before any restore: a resumed level 1 gets its checkpointed parameters.
                     params = model_lib.upsampling_start(params)
-                for index, stage in enumerate(stages(config, level)):
+                # Level step of this level's latest checkpoint (0: none): a stage that ended at or
+                # before it was finished by an earlier run, and the checkpoint holds its result.
+                resume = latest['level_step'] if latest and latest.get('level') == level else 0
+                level_stages = stages(config, level)
+                for index, stage in enumerate(level_stages):
+                    last = index == len(level_stages) - 1
+                    if resume >= stage.end and not last:
+                        continue
                     tx = make_optimizer(config, level, stage)
                     if index or opt_state is None or config.train.fresh_optimizer_per_level:
                         opt_state = tx.init(params)  # a finetune stage always starts afresh
@@ -540,16 +547,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         opt_state = carry_moments(opt_state, tx.init(params))
                     state = TrainState(step=np.int32(stage.first), params=params,
                                        opt_state=opt_state)
-                    # The checkpoint at a stage's last step belongs to that stage: the next one
-                    # starts from its parameters with its own fresh optimizer state.
-                    if (latest is not None and latest.get('level') == level
-                            and latest['level_step'] > stage.first):
-                        state = restore_state(manager, latest['global_step'], state)
-                        logging.info('Resuming level %d at step %d', level, int(state.step))
+                    if resume > 0 and resume >= stage.first:
+                        restored = restore_state(manager, latest['global_step'], state)
+                        # At the previous stage's last step: its parameters, this stage's fresh
+                        # optimizer state.
+                        state = (state.replace(params=restored.params) if resume == stage.first
+                                 else restored)
+                        logging.info('Resuming level %d at step %d', level, resume)
                     state = _train_level(config, workdir, stage, model, tx, state, manager,
                                          offsets[level], vgg_replicated, logger, stop, model_meta)
                     params, opt_state = state.params, state.opt_state
-                    if stage.end < level_steps(config, level):  # the score before finetuning
+                    if not last:  # the score before finetuning
                         _validate(config, params, model_meta, level, logger,
                                   offsets[level] + stage.end)
                 steps = level_steps(config, level)

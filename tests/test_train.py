@@ -273,6 +273,9 @@ def test_finetune_stage_trains_the_path_and_resumes_from_either_stage(tmp_path, 
         train.train_and_evaluate(_finetune_config(data_dir), workdir)
         resumed, _ = checkpoint.load_params(workdir, 6)
         assert_trees_equal(resumed, final, f'resumed after global step {kept}')
+        with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+            scored = [json.loads(line)['global_step'] for line in f if 'val_num_images' in line]
+        assert scored == [1, 4, 7, 7]  # only the level's final score is added on resuming
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
