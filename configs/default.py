@@ -203,10 +203,10 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
 
 # Demo schedule: (steps, global batch) per level. Most steps go to level 3, the last level that
 # trains the network's trunk on its own (levels 2 and 1 train their own layers first, below).
-# This one scored +0.86 dB over identity (14 min 56 s on a busy machine). Measured cuts: level 3
-# at 2,200 steps, level 2 at 300 + 500 and level 1 at 100 ran in 12 min 26 s but scored +0.27 dB;
-# levels 7-4 at 60/60/100/150 steps made level 3 collapse at its step ~610 (loss 5 -> 38, never
-# recovered) at the same rate.
+# This one scored +0.86 dB over identity in 13-15 minutes on this project's shared 2-core machine.
+# Measured cuts: level 3 at 2,200 steps, level 2 at 300 + 500 and level 1 at 100 ran in 12 min 26 s
+# but scored +0.27 dB; levels 7-4 at 60/60/100/150 steps made level 3 collapse at its step ~610
+# (loss 5 -> 38, never recovered) at the same rate.
 DEMO_SCHEDULE = {7: (100, 8), 6: (100, 8), 5: (150, 8), 4: (200, 8), 3: (2400, 4), 2: (500, 4),
                  1: (150, 4)}
 # Level 2's finetune stage: its whole path, after its own layers have learned to read level 3.
@@ -253,7 +253,8 @@ def _demo(config: ml_collections.ConfigDict) -> None:
         config.train[f'level{level}'].trainable = 'level'
         config.train[f'level{level}'].learning_rate = 1e-2
     # Then the whole path learns to carry the detail level 2 needs (from the same level-3
-    # parameters: level 2 24.59 -> 25.25 dB, level 1 24.44 dB; 25.12 and 24.35 at rate 3e-4).
+    # parameters: level 2 24.59 -> 25.25 dB, level 1 23.68 -> 24.56 dB; at a constant 3e-4, level
+    # 2 25.12 dB).
     config.train.level2.finetune.update(DEMO_LEVEL2_FINETUNE)
     # From random weights, level 1 scored 21.5 dB after 1,200 steps, below a plain resize of level
     # 2's image (23.6); started as that resize it begins at 23.5 dB. Its own training adds little
