@@ -560,7 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     if not last:  # the score before finetuning
                         _validate(config, params, model_meta, level, logger,
                                   offsets[level] + stage.end)
-                steps = level_steps(config, level)
+                steps = level_stages[-1].end
                 checkpoint_lib.save_params(workdir, level, params, {**model_meta, 'steps': steps})
                 summary[level] = _validate(config, params, model_meta, level, logger,
                                            offsets[level] + steps)
