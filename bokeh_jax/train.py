@@ -139,6 +139,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
                              f'stage), got {finetune.steps!r}')
         for stage in stages(config, level):
             _check_stage(stage)
+    for key in ('adam_b1', 'adam_b2'):
+        value = config.train[key]
+        if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f'config.train.{key} must be in [0, 1), got {value!r}')
+    if not isinstance(config.train.adam_eps, (int, float)) or config.train.adam_eps <= 0:
+        raise ValueError(f'config.train.adam_eps must be > 0, got {config.train.adam_eps!r}')
     for key in ('log_every', 'checkpoint_every'):
         if config.train[key] <= 0:
             raise ValueError(f'config.train.{key} must be > 0, got {config.train[key]!r}')

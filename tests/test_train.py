@@ -172,6 +172,9 @@ def test_shipped_configs_are_valid(variant):
     ('train.level7.warmup_steps', 2, r'config.train.level7.warmup_steps must be an integer in'),
     ('train.level7.decay_steps', -1, r'config.train.level7.decay_steps must be an integer in'),
     ('train.level7.finetune.steps', -1, 'config.train.level7.finetune.steps must be an integer'),
+    ('train.adam_b2', 1.0, r'config.train.adam_b2 must be in \[0, 1\)'),
+    ('train.adam_b1', -0.1, r'config.train.adam_b1 must be in \[0, 1\)'),
+    ('train.adam_eps', 0.0, 'config.train.adam_eps must be > 0'),
 ])
 def test_bad_config_is_rejected_naming_the_field(field, value, message):
     config = tiny_config('/nonexistent', **{field: value})
