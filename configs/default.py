@@ -202,10 +202,12 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
 
 
 # Demo schedule: (steps, global batch) per level. Most steps go to level 3, the last level whose
-# output reads the network's trunk directly; it trains its own layers only (1.5x faster steps than
-# its whole path). Levels 2 and 1 train their own layers first, below, level 2 then its whole path.
-# This one scored +2.2 dB over identity in under 15 minutes on this project's shared 2-core
-# machine (README, "Status"). Each level's rate decays linearly to 0 over its last third.
+# output reads the network's trunk directly; it trains its own layers only (1.4x the steps per
+# second of its whole path). Levels 2 and 1 train their own layers first, below, level 2 then its
+# whole path. This one scored +2.26 dB over identity, in 18 min 40 s on an evening when the
+# previous demo's levels ran 1.2x slower than in its 13-minute run (README, "Status"); a 500-step
+# level-2 finetune stage saves ~2.5 minutes for +1.63 dB. Each level's rate decays linearly to 0
+# over its last third.
 DEMO_SCHEDULE = {7: (100, 8), 6: (100, 8), 5: (150, 8), 4: (200, 8), 3: (3400, 4), 2: (500, 4),
                  1: (150, 4)}
 # Level 2's finetune stage: its whole path, after its own layers have learned to read level 3.
@@ -221,8 +223,9 @@ def _demo(config: ml_collections.ConfigDict) -> None:
     linearly to zero over the last third of each level, Adam's b2 at 0.95 (stable at that rate),
     level 3 training only its own layers, levels 2 and 1 their own layers first (level 2 then its
     whole path in a finetune stage), He's init instead of the original's, level 1 starting as
-    level 2's image upsampled, and no VGG term (its ImageNet weights are a download). The convolutions run on oneDNN where `make onednn` installed it (2.5x
-    faster level-3 steps at this size), else on XLA.
+    level 2's image upsampled, and no VGG term (its ImageNet weights are a download). The
+    convolutions run on oneDNN where `make onednn` installed it (2.5x faster level-3 steps at this
+    size), else on XLA.
     """
     config.model.channels = 8
     # The original's fixed std 0.01 shrinks the signal through level 3's norm-free layers at
@@ -264,7 +267,7 @@ def _demo(config: ml_collections.ConfigDict) -> None:
     config.train.level3.trainable = 'level'
     # Then level 2's whole path learns to carry the detail level 2 needs. From the same level-3
     # parameters, level 2 / level 1: a 500-step stage 26.22 / 25.33 dB, 1,200 steps 26.97 / 25.96
-    # (level 2's own layers for 500 steps before either; 250 then 1,200: 26.76 / 25.78).
+    # (level 2's own layers for 500 steps before either).
     config.train.level2.finetune.update(DEMO_LEVEL2_FINETUNE)
     # From random weights, level 1 scored 21.5 dB after 1,200 steps, below a plain resize of level
     # 2's image (23.6); started as that resize it begins at 23.5 dB. Its own training adds little
