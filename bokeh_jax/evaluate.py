@@ -430,12 +430,12 @@ def evaluate_split(config: ml_collections.ConfigDict, params: Any, meta: dict, s
       height, width (the photo), level_height, level_width (the scored output), and
       `<method>_<metric>` for method in model/identity/classical: float, or None where undefined.
     """
-    result = _evaluate(config, params, meta, split, level=level, max_images=max_images,
-                       baselines=baselines, grid_images=0)
+    result = evaluate_with_grid(config, params, meta, split, level=level, max_images=max_images,
+                                baselines=baselines, grid_images=0)
     return result.summary, result.rows
 
 
-def _evaluate(config: ml_collections.ConfigDict, params: Any, meta: dict, split: str, *,
+def evaluate_with_grid(config: ml_collections.ConfigDict, params: Any, meta: dict, split: str, *,
               level: int, max_images: int | None, baselines: Sequence[str] | None,
               grid_images: int, grid_tile: int = 0) -> SplitResult:
     """evaluate_split, plus the grid of the `grid_images` worst and best images when > 0."""
@@ -731,9 +731,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         input_pipeline.prepare_dataset(config)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices('bokeh_jax.evaluate: data set prepared')
-    result = _evaluate(config, params, meta, split, level=level, max_images=None,
-                       baselines=None, grid_images=int(config.eval.grid_images),
-                       grid_tile=int(config.eval.grid_tile))
+    result = evaluate_with_grid(config, params, meta, split, level=level, max_images=None,
+                                baselines=None, grid_images=int(config.eval.grid_images),
+                                grid_tile=int(config.eval.grid_tile))
     summary = result.summary
     if jax.process_index() == 0:
         out = output_dir(workdir, split, level, protocol)

@@ -12,11 +12,13 @@ to the level's output size (image_ops.level_output_size), and one joint rot90 / 
 
 Determinism: example j of the global batch at step s is record `perm_e[(s * B + j) mod N]`, with
 the epoch permutation perm_e and the crop/augmentation drawn from seeded generators keyed by
-(config.seed, level, ...). It depends neither on process_count nor on num_workers, so a resumed
-run (start_step = s) sees exactly the batches of an uninterrupted one, and process p of P simply
-takes rows [p * B / P, (p + 1) * B / P) of the same global batch.
+(config.seed, level, ...). It depends neither on process_count, num_workers nor the decoded-record
+cache (config.data.cache_mb), so a resumed run (start_step = s) sees exactly the batches of an
+uninterrupted one, and process p of P simply takes rows [p * B / P, (p + 1) * B / P) of the same
+global batch.
 """
 
+import collections
 from collections.abc import Iterator, Sequence
 import contextlib
 import dataclasses
@@ -24,6 +26,7 @@ import fcntl
 import functools
 import io
 import pathlib
+import threading
 import time
 from typing import Any
 
@@ -192,12 +195,30 @@ def _check_seed(seed: int) -> int:
 
 
 class _TrainExample:
-    """Global example index -> one (input, target) training pair; see the module docstring."""
+    """Global example index -> one (input, target) training pair; see the module docstring.
 
-    def __init__(self, source: _Source, seed: int, level: int, crop: int, with_depth: bool):
+    With `cache_bytes` > 0, each process (each grain worker) keeps the prepared form of the
+    records it has read (the whole half-resolution input and the decoded bokeh photo, see
+    _Prepared) in a least-recently-used cache of at most that many bytes, so that a record is
+    decoded and resized once instead of at every visit. A crop of the cached form is bit-identical
+    to the crop made from the encoded record, so the batches do not depend on the cache.
+    """
+
+    def __init__(self, source: _Source, seed: int, level: int, crop: int, with_depth: bool,
+                 cache_bytes: int = 0):
         self.source, self.seed, self.level = source, seed, level
-        self.crop, self.with_depth = crop, with_depth
+        self.crop, self.with_depth, self.cache_bytes = crop, with_depth, int(cache_bytes)
         self._cached = (-1, None)  # (epoch, permutation); one tuple so threads see a pair
+        self._cache = _LruCache(self.cache_bytes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state['_cache'] = None  # each worker process fills its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache = _LruCache(self.cache_bytes)
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The order of the records in `epoch` (cached: consecutive indices share an epoch)."""
@@ -210,9 +231,83 @@ class _TrainExample:
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         epoch, position = divmod(int(index), len(self.source))
-        record = self.source[int(self.permutation(epoch)[position])]
+        record_index = int(self.permutation(epoch)[position])
         rng = np.random.default_rng([self.seed, self.level, 1, int(index)])
-        return crop_example(record, rng, self.crop, self.level, self.with_depth)
+        if not self.cache_bytes:
+            return crop_example(self.source[record_index], rng, self.crop, self.level,
+                                self.with_depth)
+        prepared = self._cache.get(record_index)
+        if prepared is None:
+            prepared = _Prepared(_Decoded(self.source[record_index], self.with_depth))
+            self._cache.put(record_index, prepared, prepared.nbytes)
+        return _crop(prepared, rng, self.crop, self.level)
+
+
+class _LruCache:
+    """A thread-safe least-recently-used map holding at most `max_bytes` of values."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.nbytes = int(max_bytes), 0
+        self._items: collections.OrderedDict[Any, tuple[Any, int]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        """Stores `value` (evicting the least recently used) unless it alone exceeds the bound."""
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            while self.nbytes + nbytes > self.max_bytes:
+                _, (_, freed) = self._items.popitem(last=False)
+                self.nbytes -= freed
+            self._items[key] = (value, nbytes)
+            self.nbytes += nbytes
+
+
+class _Decoded:
+    """A record's images decoded; `input_window` resizes only the window it is asked for."""
+
+    def __init__(self, record: dict[str, Any], with_depth: bool):
+        self.name = record['id'].decode() if isinstance(record['id'], bytes) else str(record['id'])
+        self.photo = _decode(record['sharp'], self.name)
+        self.bokeh = _decode(record['bokeh'], self.name)
+        self.height, self.width = self.photo.shape[:2]
+        self.half = image_ops.half_size(self.height, self.width)
+        self.depth = (image_ops.depth_channel(_decode(record['depth'], self.name),
+                                              (self.height, self.width)) if with_depth else None)
+
+    def input_window(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """float32 [height, width, C] of the half-resolution model input, photo (+ depth)."""
+        rgb = image_ops.resize_region(self.photo, self.half, (top, left, height, width))
+        channels = [np.clip(rgb * np.float32(1 / 255), 0, 1)]
+        if self.depth is not None:
+            channels.append(self.depth[top:top + height, left:left + width])
+        return np.concatenate(channels, axis=-1)
+
+
+class _Prepared:
+    """A record's whole half-resolution model input, made once; windows are slices of it."""
+
+    def __init__(self, decoded: _Decoded):
+        self.name, self.bokeh, self.half = decoded.name, decoded.bokeh, decoded.half
+        self.height, self.width = decoded.height, decoded.width
+        self.input = decoded.input_window(0, 0, *self.half)
+        self.nbytes = self.input.nbytes + self.bokeh.nbytes
+
+    def input_window(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        return self.input[top:top + height, left:left + width]
 
 
 def crop_example(record: dict[str, Any], rng: np.random.Generator, crop: int, level: int,
@@ -223,26 +318,21 @@ def crop_example(record: dict[str, Any], rng: np.random.Generator, crop: int, le
       input: float32 [crop, crop, 4 or 3] in [0, 1], the half-resolution photo crop (+ depth).
       target: float32 [s, s, 3] in [0, 1], s = level_output_size(crop, level).
     """
-    name = record['id'].decode() if isinstance(record['id'], bytes) else str(record['id'])
-    photo = _decode(record['sharp'], name)
-    bokeh = _decode(record['bokeh'], name)
-    height, width = photo.shape[:2]
-    half = image_ops.half_size(height, width)
-    if min(half) < crop:
-        raise ValueError(f'image {name!r} is {height}x{width}: too small for config.data.crop_size'
-                         f'={crop} (needs at least {2 * crop}x{2 * crop})')
-    top = int(rng.integers(0, half[0] - crop + 1))
-    left = int(rng.integers(0, half[1] - crop + 1))
-    # Only the crop's footprint (plus the kernel margin) of the photo is resized.
-    rgb = image_ops.resize_region(photo, half, (top, left, crop, crop))
-    channels = [np.clip(rgb * np.float32(1 / 255), 0, 1)]
-    if with_depth:
-        depth = image_ops.depth_channel(_decode(record['depth'], name), (height, width))
-        channels.append(depth[top:top + crop, left:left + crop])
-    target = bokeh[2 * top:2 * top + 2 * crop, 2 * left:2 * left + 2 * crop]
+    return _crop(_Decoded(record, with_depth), rng, crop, level)
+
+
+def _crop(image: _Decoded | _Prepared, rng: np.random.Generator, crop: int, level: int
+          ) -> dict[str, np.ndarray]:
+    """crop_example on a decoded or prepared record."""
+    if min(image.half) < crop:
+        raise ValueError(f'image {image.name!r} is {image.height}x{image.width}: too small for '
+                         f'config.data.crop_size={crop} (needs at least {2 * crop}x{2 * crop})')
+    top = int(rng.integers(0, image.half[0] - crop + 1))
+    left = int(rng.integers(0, image.half[1] - crop + 1))
+    model_input = image.input_window(top, left, crop, crop)
+    target = image.bokeh[2 * top:2 * top + 2 * crop, 2 * left:2 * left + 2 * crop]
     size = image_ops.level_output_size(crop, level)
     target = np.clip(image_ops.resize(target, (size, size)) * np.float32(1 / 255), 0, 1)
-    model_input = np.concatenate(channels, axis=-1)
     # Joint augmentation: rot90 by k quarter turns, then an optional vertical flip.
     turns, flip = int(rng.integers(4)), bool(rng.integers(2))
     model_input, target = np.rot90(model_input, turns), np.rot90(target, turns)
@@ -266,6 +356,15 @@ def _local_batch_size(batch_size: int, num_local_devices: int, process_count: in
         raise ValueError(f'{field}={batch_size} must be a positive multiple of process_count x '
                          f'num_local_devices = {process_count} x {num_local_devices}')
     return batch_size // process_count
+
+
+def cache_bytes(config: ml_collections.ConfigDict) -> int:
+    """config.data.cache_mb in bytes, checked."""
+    cache_mb = config.data.get('cache_mb', 0)
+    if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or cache_mb < 0:
+        raise ValueError(f'config.data.cache_mb must be a number >= 0 (0 = no cache), got '
+                         f'{cache_mb!r}')
+    return int(cache_mb * 2**20)
 
 
 def _finish(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.DatasetIterator:
@@ -310,7 +409,8 @@ def train_iterator(config: ml_collections.ConfigDict, level: int, start_step: in
     crop = int(config.data.crop_size)
     image_ops.level_output_size(crop, level)  # validates crop and level
     make = _TrainExample(_source(config, config.data.train_split), _check_seed(config.seed),
-                         level, crop, config.data.builder_config == 'rgbd')
+                         level, crop, config.data.builder_config == 'rgbd',
+                         cache_bytes=cache_bytes(config))
 
     def global_index(i: int) -> int:
         step, row = divmod(i, local)

@@ -115,6 +115,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     if not isinstance(crop, int) or crop <= 0 or crop % model_lib.SIZE_MULTIPLE:
         raise ValueError(f'config.data.crop_size must be a positive multiple of '
                          f'{model_lib.SIZE_MULTIPLE}, got {crop!r}')
+    input_pipeline.cache_bytes(config)  # checks config.data.cache_mb
     model_lib.check_conv_impl(config.model.conv_impl)
     _check_choice(config.train.level1_start, LEVEL1_STARTS, 'config.train.level1_start')
     _check_choice(config.model.init, model_lib.INIT_SCHEMES, 'config.model.init')
@@ -148,6 +149,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     for key in ('log_every', 'checkpoint_every'):
         if config.train[key] <= 0:
             raise ValueError(f'config.train.{key} must be > 0, got {config.train[key]!r}')
+    tile = config.train.val_grid_tile
+    if not isinstance(tile, int) or tile < 0:
+        raise ValueError(f'config.train.val_grid_tile must be an integer >= 0 (0 = no grid), '
+                         f'got {tile!r}')
 
 
 def _check_stage(stage: Stage) -> None:
@@ -568,14 +573,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   offsets[level] + stage.end)
                 steps = level_stages[-1].end
                 checkpoint_lib.save_params(workdir, level, params, {**model_meta, 'steps': steps})
-                summary[level] = _validate(config, params, model_meta, level, logger,
-                                           offsets[level] + steps)
+                if not (config.train.final_eval and level == order[-1]):  # scored below
+                    summary[level] = _validate(config, params, model_meta, level, logger,
+                                               offsets[level] + steps)
+        if config.train.final_eval:
+            # The eval mode on the same images as the validation, with every baseline: it is
+            # also the last level's validation record.
+            last = order[-1]
+            summary[last] = summary['final'] = final_evaluation(config, workdir, last)
+            _log_validation(logger, last, offsets[last] + level_steps(config, last),
+                            summary['final'])
     finally:
         manager.wait_until_finished()
         manager.close()
         logger.close()
-    if config.train.final_eval:
-        summary['final'] = final_evaluation(config, workdir, order[-1])
     return summary
 
 
@@ -638,7 +649,8 @@ def _train_level(config, workdir, stage: Stage, model, tx, state, manager, offse
             images_seen += cfg.batch_size
             done = step + 1
             bar.update(1)
-            bar.set_postfix(loss=f'{metrics["loss"]:.4f}', psnr=f'{metrics["psnr"]:.2f}')
+            bar.set_postfix(loss=f'{metrics["loss"]:.4f}', psnr=f'{metrics["psnr"]:.2f}',
+                            refresh=False)  # drawn at the bar's own pace
             if done % config.train.log_every == 0 or done == end:
                 elapsed = time.perf_counter() - timer
                 logger.scalars(offset + done, {
@@ -678,17 +690,27 @@ def _log_images(logger: Logger, forward, state, batch, level: int, global_step: 
 
 
 def _validate(config, params, model_meta, level, logger, global_step) -> dict:
-    """Scores the level's output on the validation split (a few images; config.eval.max_images)."""
+    """Scores the level's output on the validation split (a few images; config.eval.max_images)
+    and logs the scores and a TensorBoard grid of its worst and best images."""
     from bokeh_jax import evaluate
 
     # Identity only: the classical renderer costs seconds per photo, too much at every level.
-    summary, _ = evaluate.evaluate_split(config, params, model_meta, config.data.eval_split,
-                                         level=level, max_images=config.eval.max_images or None,
-                                         baselines=('identity',))
+    tile = int(config.train.val_grid_tile)
+    result = evaluate.evaluate_with_grid(
+        config, params, model_meta, config.data.eval_split, level=level,
+        max_images=config.eval.max_images or None, baselines=('identity',),
+        grid_images=int(config.eval.grid_images) if tile else 0, grid_tile=tile)
+    _log_validation(logger, level, global_step, result.summary)
+    if result.grid is not None:
+        grid = np.asarray(result.grid.convert('RGB'), np.float32) / 255
+        logger.images(global_step, level, {'validation_grid': grid})
+    return result.summary
+
+
+def _log_validation(logger: Logger, level: int, global_step: int, summary: dict) -> None:
     flat = {f'val_{k}': v for k, v in _scalars(summary).items()}
     logger.scalars(global_step, {'level': level, **flat})
     logging.info('Level %d validation: %s', level, flat)
-    return summary
 
 
 def _scalars(tree: dict, prefix: str = '') -> dict:

@@ -2,6 +2,7 @@
 
 import io
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -167,6 +168,27 @@ def test_grain_workers_give_the_same_batches(data_dir):
     workers = tiny_config(data_dir, num_workers=2)
     for a, b in zip(expected, train_batches(workers, 3, n=3)):
         np.testing.assert_array_equal(a['input'], b['input'])
+
+
+def test_decoded_record_cache_changes_no_bit_and_stays_within_its_bound(data_dir):
+    config = tiny_config(data_dir)
+    expected = train_batches(config, 2, n=6)  # 24 examples: several visits of each of 5 records
+    cached = tiny_config(data_dir, cache_mb=64)
+    for a, b in zip(expected, train_batches(cached, 2, n=6)):
+        for key in ('input', 'target'):
+            np.testing.assert_array_equal(a[key], b[key])
+    # A bound of two and a half records: the least recently used are evicted, nothing changes.
+    source = input_pipeline._source(config, 'train')
+    plain = input_pipeline._TrainExample(source, 0, 2, 64, True)
+    one = input_pipeline._Prepared(input_pipeline._Decoded(source[0], True)).nbytes
+    small = input_pipeline._TrainExample(source, 0, 2, 64, True, cache_bytes=int(2.5 * one))
+    for index in range(15):
+        got = small(index)
+        for key, value in plain(index).items():
+            np.testing.assert_array_equal(got[key], value)
+        assert len(small._cache) <= 2 and small._cache.nbytes <= small.cache_bytes
+    assert len(small._cache) == 2
+    assert len(pickle.loads(pickle.dumps(small))._cache) == 0  # workers start empty
 
 
 def test_epochs_are_seeded_permutations(data_dir):

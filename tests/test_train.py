@@ -1,6 +1,7 @@
 """Training: trainable subsets, config checks, and real launch.py runs that are interrupted,
 resumed, and spread over two processes."""
 
+import glob
 import json
 import os
 import shutil
@@ -175,6 +176,8 @@ def test_shipped_configs_are_valid(variant):
     ('train.adam_b2', 1.0, r'config.train.adam_b2 must be in \[0, 1\)'),
     ('train.adam_b1', -0.1, r'config.train.adam_b1 must be in \[0, 1\)'),
     ('train.adam_eps', 0.0, 'config.train.adam_eps must be > 0'),
+    ('data.cache_mb', -1, 'config.data.cache_mb must be a number >= 0'),
+    ('train.val_grid_tile', -1, 'config.train.val_grid_tile must be an integer >= 0'),
 ])
 def test_bad_config_is_rejected_naming_the_field(field, value, message):
     config = tiny_config('/nonexistent', **{field: value})
@@ -265,6 +268,7 @@ def test_finetune_stage_trains_the_path_and_resumes_from_either_stage(tmp_path, 
     assert [(r['level'], r['step']) for r in records if 'loss' in r and r['level'] == 6] == [
         (6, s) for s in range(1, 7)]
     assert [r['global_step'] for r in records if 'val_num_images' in r] == [1, 4, 7]
+    assert 'level6/validation_grid' in tensorboard_tags(reference)  # worst and best images
 
     for kept in (4, 6):  # the stage boundary; inside the finetune stage
         workdir = str(tmp_path / f'killed_after_{kept}')
@@ -326,8 +330,23 @@ def test_uninterrupted_run_writes_levels_logs_and_checkpoints(uninterrupted):
         records = [json.loads(line) for line in f]
     steps = [(r['level'], r['step']) for r in records if 'loss' in r]
     assert steps == [(7, s) for s in range(1, 4)] + [(6, s) for s in range(1, 31)]
-    assert any('val_psnr' in ' '.join(r) for r in records)
-    assert os.listdir(os.path.join(uninterrupted, 'tensorboard'))
+    scored = [r for r in records if 'val_num_images' in r]
+    assert [r['level'] for r in scored] == [7, 6]
+    # The last level's record is the final evaluation's, which scores every baseline.
+    assert 'val_baselines_classical_psnr' in scored[1]
+    assert 'val_baselines_classical_psnr' not in scored[0]
+    assert os.path.exists(os.path.join(uninterrupted, 'eval', 'validation_level6_pynet',
+                                       'grid.png'))
+    assert tensorboard_tags(uninterrupted) >= {'level7/loss', 'level6/loss', 'level6/val_psnr'}
+
+
+def tensorboard_tags(workdir: str) -> set[str]:
+    import tensorflow as tf  # only to read the event files
+    tags = set()
+    for path in glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*')):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    return tags
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(data_dir, uninterrupted, tmp_path):
