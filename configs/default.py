@@ -213,10 +213,10 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
 # Demo schedule: (steps, global batch) per level. Most steps go to level 3, the last level whose
 # output reads the network's trunk directly; it trains its own layers only (1.4x the steps per
 # second of its whole path). Levels 2 and 1 train their own layers first, below, level 2 then its
-# whole path. This one scored +2.26 dB over identity in 18 min 40 s, measured on an evening when
-# levels 7-4 (unchanged) ran 1.2x slower than in the previous demo's 13-minute run (README,
-# "Status"); a 500-step level-2 finetune stage saves ~2.5 minutes and scores +1.63 dB. Each level's
-# rate decays linearly to 0 over its last third.
+# whole path. This one scored +2.26 dB over identity in 13 min 13 s for a clean clone's `make
+# demo`, install included (README, "Status"; ~16 minutes when the machine runs 1.23x slower); a
+# 500-step level-2 finetune stage saves ~2 minutes and scores +1.63 dB. Each level's rate decays
+# linearly to 0 over its last third.
 DEMO_SCHEDULE = {7: (100, 8), 6: (100, 8), 5: (150, 8), 4: (200, 8), 3: (3400, 4), 2: (500, 4),
                  1: (150, 4)}
 # Level 2's finetune stage: its whole path, after its own layers have learned to read level 3.
