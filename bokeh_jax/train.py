@@ -579,9 +579,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if config.train.final_eval:
             # The eval mode on the same images as the validation, with every baseline: it is
             # also the last level's validation record.
-            last = order[-1]
-            summary[last] = summary['final'] = final_evaluation(config, workdir, last)
-            _log_validation(logger, last, offsets[last] + level_steps(config, last),
+            finest = order[-1]
+            summary[finest] = summary['final'] = final_evaluation(config, workdir, finest)
+            _log_validation(logger, finest, offsets[finest] + level_steps(config, finest),
                             summary['final'])
     finally:
         manager.wait_until_finished()
