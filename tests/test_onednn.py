@@ -15,6 +15,7 @@ import pytest
 
 from bokeh_jax import model as model_lib
 from bokeh_jax import onednn, train
+from bokeh_jax.training import multihost
 from bokeh_jax.bench import harness
 from configs import default
 
@@ -143,8 +144,8 @@ def test_pmapped_train_step_on_two_devices(tiny_params):
                         axis_name=train.AXIS)
         state = train.TrainState(step=np.int32(0), params=tiny_params,
                                  opt_state=tx.init(tiny_params))
-        state, metrics = step(train.replicate(state), batch, {})  # loss: before the update
-        after[impl] = (train.unreplicate(state.params), float(metrics['loss'][0]))
+        state, metrics = step(multihost.replicate(state), batch, {})  # loss: before the update
+        after[impl] = (multihost.unreplicate(state.params), float(metrics['loss'][0]))
     (params_xla, loss_xla), (params_ours, loss_ours) = after['xla'], after['onednn']
     assert np.isclose(loss_ours, loss_xla, rtol=1e-5)
     # The updates agree to float32 gradient noise (see the float64 comparison above).

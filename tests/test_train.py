@@ -16,6 +16,9 @@ import optax
 import pytest
 
 from bokeh_jax import checkpoint, input_pipeline, train
+from bokeh_jax.training import checkpoints as checkpoints_lib
+from bokeh_jax.training import multihost
+from bokeh_jax.training import optimizer as optimizer_lib
 from bokeh_jax import model as model_lib
 from configs import default
 from helpers import ROOT, assert_trees_equal, launch, launch_command, launch_env
@@ -57,15 +60,15 @@ def test_frozen_parameters_do_not_change(mode):
     config.train.level6.trainable = mode  # per level; overrides config.train.trainable
     model = model_lib.PyNET(4)
     params = model_lib.init_params(model, jax.random.key(0))
-    tx = train.make_optimizer(config, level)
+    tx = optimizer_lib.make_optimizer(config, level)
     state = train.TrainState(step=np.int32(0), params=params, opt_state=tx.init(params))
-    mask = train.trainable_mask(params, level, mode)
+    mask = optimizer_lib.trainable_mask(params, level, mode)
     step = jax.pmap(train.make_train_step(model, level, {'mae': 100.0}, tx, mask),
                     axis_name=train.AXIS)
-    replicated = train.replicate(state)
+    replicated = multihost.replicate(state)
     for _ in range(2):
         replicated, metrics = step(replicated, _random_batch(level), {})
-    after = train.unreplicate(replicated.params)
+    after = multihost.unreplicate(replicated.params)
     # Differentiating only the trained subset gives the gradients of differentiating everything
     # (compared through plain SGD: Adam would blow rounding noise in zero gradients up to full
     # steps).
@@ -76,8 +79,8 @@ def test_frozen_parameters_do_not_change(mode):
         step = jax.pmap(train.make_train_step(model, level, {'mae': 100.0}, sgd, trainable),
                         axis_name=train.AXIS)
         sgd_state = train.TrainState(step=np.int32(0), params=params, opt_state=sgd.init(params))
-        new_state, _ = step(train.replicate(sgd_state), _random_batch(level), {})
-        updated.append(train.unreplicate(new_state.params))
+        new_state, _ = step(multihost.replicate(sgd_state), _random_batch(level), {})
+        updated.append(multihost.unreplicate(new_state.params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), *updated)
     changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), params, after)
     leaves = jax.tree_util.tree_leaves_with_path(mask)
@@ -93,115 +96,6 @@ def test_frozen_parameters_do_not_change(mode):
     assert not changed['level7']['head']['conv']['kernel']
     assert not changed['level5']['d3']['k3a']['conv']['kernel']
     assert np.isfinite(float(metrics['loss'][0]))
-
-
-def test_trainable_groups_by_name():
-    params = model_lib.init_params(model_lib.PyNET(4), jax.random.key(0))
-    mask = train.trainable_mask(params, 1, 'level2,level1')
-    trained = {jax.tree_util.keystr(path[:1]) for path, t in
-               jax.tree_util.tree_leaves_with_path(mask) if t}
-    assert trained == {"['level1']", "['level2']"}
-    # Only what is on the path: level 3's side head never feeds level 1.
-    mask = train.trainable_mask(params, 1, 'level3')
-    assert mask['level3']['f']['k3a']['conv']['kernel']
-    assert not mask['level3']['head']['conv']['kernel']
-
-
-def test_optimizer_state_has_the_same_structure_at_every_level():
-    config = default.get_config('tiny')
-    params = model_lib.init_params(model_lib.PyNET(4), jax.random.key(0))
-    structures = {jax.tree.structure(train.make_optimizer(config, k).init(params))
-                  for k in model_lib.LEVELS}
-    assert len(structures) == 1  # so fresh_optimizer_per_level=False can carry Adam moments
-
-
-def test_learning_rate_schedules_and_carrying_keeps_only_the_adam_moments():
-    config = default.get_config('tiny')
-    cfg = config.train.level3
-    cfg.update({'steps': 100, 'learning_rate': 1e-3, 'lr_schedule': 'cosine', 'warmup_steps': 10})
-    schedule = train.learning_rate(cfg)
-    assert float(schedule(0)) == 0.0
-    assert float(schedule(5)) == pytest.approx(5e-4)
-    assert float(schedule(10)) == pytest.approx(1e-3)
-    assert float(schedule(55)) == pytest.approx(5e-4, rel=1e-5)  # half-way down the cosine
-    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
-    cfg.update({'steps': 1, 'warmup_steps': 0})  # the shortest level: no warm-up, one step
-    assert float(train.learning_rate(cfg)(0)) == pytest.approx(1e-3)
-    cfg.update({'steps': 100, 'lr_schedule': 'linear_decay', 'decay_steps': 40})
-    decay = train.learning_rate(cfg)
-    assert float(decay(0)) == float(decay(60)) == pytest.approx(1e-3)
-    assert float(decay(80)) == pytest.approx(5e-4)
-    assert float(decay(100)) == pytest.approx(0.0, abs=1e-12)
-    cfg.warmup_steps = 20  # warm-up, constant, then the decay: 0 -> 1e-3 (step 20) .. 60 -> 0
-    decay = train.learning_rate(cfg)
-    assert float(decay(0)) == 0.0 and float(decay(10)) == pytest.approx(5e-4)
-    assert float(decay(20)) == float(decay(60)) == pytest.approx(1e-3)
-    assert float(decay(80)) == pytest.approx(5e-4) and float(decay(100)) == 0.0
-    cfg.lr_schedule = 'constant'
-    assert float(train.learning_rate(cfg)(10)) == pytest.approx(5e-4)
-    cfg.warmup_steps = 0
-    assert float(train.learning_rate(cfg)(0)) == float(train.learning_rate(cfg)(99)) == 1e-3
-
-    params = model_lib.init_params(model_lib.PyNET(4), jax.random.key(0))
-    tx = train.make_optimizer(config, 3)
-    previous = tx.update(jax.tree.map(np.ones_like, params), tx.init(params), params)[1]
-    carried = train.carry_moments(previous, tx.init(params))
-    assert_trees_equal(carried[0], previous[0])  # Adam moments and their count
-    assert int(carried[1].count) == 0 and int(previous[1].count) == 1  # the schedule restarts
-
-
-@pytest.mark.parametrize('variant', ['', 'demo', 'tiny'])
-def test_shipped_configs_are_valid(variant):
-    train.validate_config(default.get_config(variant or None), device_count=1)
-
-
-@pytest.mark.parametrize('field, value, message', [
-    ('train.order', (7, 8), 'config.train.order must list levels'),
-    ('train.order', (6, 7), 'coarse to fine'),
-    ('train.level7.steps', 0, 'config.train.level7.steps must be a positive integer'),
-    ('train.level6.batch_size', 3, r'config.train.level6.batch_size=3 is not divisible by the 2'),
-    ('train.level7.batch_size', -2, 'config.train.level7.batch_size must be a positive'),
-    ('data.crop_size', 48, 'config.data.crop_size must be a positive multiple of 32'),
-    ('train.trainable', 'all', 'config.train.trainable'),
-    ('train.level6.trainable', 'everything', 'config.train.level6.trainable must be'),
-    ('train.level6.trainable', 'level6,level9', 'config.train.level6.trainable must be'),
-    ('model.conv_impl', 'fast', 'config.model.conv_impl must be one of'),
-    ('model.init', 'xavier', 'config.model.init must be one of'),
-    ('train.level1_start', 'bilinear', 'config.train.level1_start must be one of'),
-    ('train.level7.learning_rate', 0.0, 'config.train.level7.learning_rate must be > 0'),
-    ('train.level7.lr_schedule', 'linear', 'config.train.level7.lr_schedule must be one of'),
-    ('train.level7.warmup_steps', 2, r'config.train.level7.warmup_steps must be an integer in'),
-    ('train.level7.decay_steps', -1, r'config.train.level7.decay_steps must be an integer in'),
-    ('train.level7.finetune.steps', -1, 'config.train.level7.finetune.steps must be an integer'),
-    ('train.adam_b2', 1.0, r'config.train.adam_b2 must be in \[0, 1\)'),
-    ('train.adam_b1', -0.1, r'config.train.adam_b1 must be in \[0, 1\)'),
-    ('train.adam_eps', 0.0, 'config.train.adam_eps must be > 0'),
-    ('data.cache_mb', -1, 'config.data.cache_mb must be a number >= 0'),
-    ('train.val_grid_tile', -1, 'config.train.val_grid_tile must be an integer >= 0'),
-])
-def test_bad_config_is_rejected_naming_the_field(field, value, message):
-    config = tiny_config('/nonexistent', **{field: value})
-    with pytest.raises(ValueError, match=message):
-        train.validate_config(config, device_count=2)
-
-
-def test_warmup_and_decay_longer_than_the_level_are_rejected():
-    config = tiny_config('/nonexistent', **{'train.level7.lr_schedule': 'linear_decay',
-                                            'train.level7.warmup_steps': 1,
-                                            'train.level7.decay_steps': 2})
-    with pytest.raises(ValueError, match=r'config.train.level7.warmup_steps \+ decay_steps'):
-        train.validate_config(config, device_count=2)
-
-
-def test_bad_finetune_stage_is_rejected_naming_its_fields():
-    for field, value, message in [
-            ('learning_rate', 0.0, 'config.train.level7.finetune.learning_rate must be > 0'),
-            ('trainable', 'all', 'config.train.level7.finetune.trainable must be'),
-            ('decay_steps', 4, r'config.train.level7.finetune.decay_steps must be an integer in')]:
-        config = tiny_config('/nonexistent', **{'train.level7.finetune.steps': 3,
-                                                f'train.level7.finetune.{field}': value})
-        with pytest.raises(ValueError, match=message):
-            train.validate_config(config, device_count=2)
 
 
 def test_vgg_loss_without_weights_fails_before_training(tmp_path):
@@ -251,10 +145,10 @@ def test_finetune_stage_trains_the_path_and_resumes_from_either_stage(tmp_path, 
     after_level7, _ = checkpoint.load_params(reference, 7)
     final, meta = checkpoint.load_params(reference, 6)
     assert meta['steps'] == 6
-    manager = train.checkpoint_manager(reference, config)
+    manager = checkpoints_lib.checkpoint_manager(reference, config)
     like = train.TrainState(step=np.int32(0), params=final,
-                            opt_state=train.make_optimizer(config, 6).init(final))
-    boundary = train.restore_state(manager, 4, like)  # level 6 step 3: stage 1 done
+                            opt_state=optimizer_lib.make_optimizer(config, 6).init(final))
+    boundary = checkpoints_lib.restore_state(manager, 4, like)  # level 6 step 3: stage 1 done
     manager.close()
     assert int(boundary.step) == 3
     for group in ('encoder', 'level7'):  # frozen in stage 1, trained in stage 2
@@ -300,6 +194,38 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     assert checkpoint.saved_levels(workdir) == []  # the level never finished
 
 
+def test_nan_between_log_steps_stops_before_the_next_checkpoint(tmp_path, data_dir, monkeypatch):
+    """Metrics are fetched only at log steps and before checkpoints: a NaN at level step 7 (log
+    every 50, checkpoints every 5) still stops the run before the checkpoint of step 10, and the
+    one of step 5 holds finite parameters."""
+    real = input_pipeline.train_iterator
+
+    def poisoned(config, level, start, **kwargs):
+        for step, batch in enumerate(real(config, level, start, **kwargs), start):
+            if step == 7:
+                batch = {**batch, 'input': np.full_like(batch['input'], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, 'train_iterator', poisoned)
+    config = tiny_config(data_dir, **{'train.order': (7,), 'train.level7.steps': 20,
+                                      'train.log_every': 50, 'train.checkpoint_every': 5,
+                                      'train.keep_checkpoints': 10})
+    workdir = str(tmp_path / 'work')
+    with pytest.raises(FloatingPointError, match=r'Level 7 step 7: loss is nan.*level step 5'):
+        train.train_and_evaluate(config, workdir)
+    manager = checkpoints_lib.checkpoint_manager(workdir, config)
+    assert manager.all_steps() == [5]
+    like = train.TrainState(step=np.int32(0), params=model_lib.init_params(
+        model_lib.PyNET(4), jax.random.key(0)), opt_state=None)
+    like = like.replace(opt_state=optimizer_lib.make_optimizer(config, 7).init(like.params))
+    restored = checkpoints_lib.restore_state(manager, 5, like)
+    manager.close()
+    assert int(restored.step) == 5
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.params))
+    assert not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) or all(
+        'loss' not in line for line in open(os.path.join(workdir, 'metrics.jsonl')))
+
+
 # ----------------------------------------------------------------------------- launch.py runs
 
 # Two levels, enough steps at level 6 for a signal to land in the middle of it.
@@ -338,6 +264,26 @@ def test_uninterrupted_run_writes_levels_logs_and_checkpoints(uninterrupted):
     assert os.path.exists(os.path.join(uninterrupted, 'eval', 'validation_level6_pynet',
                                        'grid.png'))
     assert tensorboard_tags(uninterrupted) >= {'level7/loss', 'level6/loss', 'level6/val_psnr'}
+
+
+def test_workdir_remembers_its_config(uninterrupted):
+    """Eval on a trained workdir without --config uses the config that trained it (the tiny
+    width, its data and eval split), and a --config that changes the model is refused."""
+    saved = json.load(open(os.path.join(uninterrupted, 'config.json')))
+    assert saved['source'] == 'configs/default.py:tiny'
+    assert saved['config']['model']['channels'] == 4
+    result = launch('--mode=eval', f'--workdir={uninterrupted}', '--config.eval.max_images=1',
+                    '--config.eval.level=6',
+                    '--config.eval.baselines=("identity",)')
+    assert 'Using the config saved in' in result.stderr
+    summary = json.load(open(os.path.join(uninterrupted, 'eval', 'validation_level6_pynet',
+                                          'summary.json')))
+    assert summary['num_images'] == 1 and summary['level'] == 6
+    result = launch('--mode=eval', '--config=configs/default.py:tiny', f'--workdir={uninterrupted}',
+                    '--config.model.channels=8', check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: config.model.channels=8 disagrees with') and 'Traceback' not in result.stderr
 
 
 def tensorboard_tags(workdir: str) -> set[str]:
