@@ -5,6 +5,14 @@
 With no flags it is the demo (`make demo`): --mode=train --config=configs/default.py:demo
 --workdir=workdir/demo. The paper's recipe is --config=configs/default.py.
 
+Which config a run uses: an explicit --config; else the one a training saved in
+WORKDIR/config.json (so eval and render of a trained workdir use the config that trained it);
+else the demo's for train and the paper's for every other mode. --config.a.b=value overrides
+apply to whichever it is.
+
+Errors a user can cause (bad files, flags or config values) end with one line, `error: ...`,
+and exit status 2; --debug shows their traceback.
+
 Modes:
   train     coarse-to-fine training of every level in config.train.order, resuming from WORKDIR;
             ends with the eval mode on the finest level trained (config.train.final_eval)
@@ -23,11 +31,18 @@ import os
 import sys
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
+
+from bokeh_jax import workdir as workdir_lib
+from bokeh_jax.errors import UserError
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
+                               'default.py')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config',
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py:demo'),
+    _DEFAULT_CONFIG + ':demo',
     'Experiment config file, optionally with :VARIANT.',
     lock_config=True,
 )
@@ -45,18 +60,21 @@ _DEPTH = flags.DEFINE_string(
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'render: output image (format from its extension) or folder.'
 )
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'render: replace existing outputs.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'render, convert: replace existing outputs (never an input of the run).')
+_DEBUG = flags.DEFINE_bool('debug', False, 'Show the traceback of user errors too.')
 
 
 # Training stopped by SIGTERM/SIGINT after saving its state: re-run the same command to resume.
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL
+EXIT_USER_ERROR = 2
 
 
 def _parse_size(text: str, flag: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split('x'))
     except ValueError:
-        raise app.UsageError(f'--{flag} must look like 512x768, got {text!r}') from None
+        raise UserError(f'--{flag} must look like 512x768, got {text!r}') from None
     return h, w
 
 
@@ -64,7 +82,9 @@ def run_summary(config, workdir: str) -> None:
     from bokeh_jax import summary
 
     h, w = _parse_size(_INPUT_SIZE.value, 'input_size')
-    input_channels = 3 if config.data.builder_config == 'rgb' else 4
+    from bokeh_jax.training import config_checks
+
+    input_channels = config_checks.input_channels(config)
     print(summary.summarize(config.model.channels, input_channels, h, w))
 
 
@@ -72,12 +92,22 @@ def run_convert(config, workdir: str) -> None:
     from bokeh_jax import checkpoint, convert
 
     if not _TF_CHECKPOINT.value:
-        raise app.UsageError(
+        raise UserError(
             '--mode=convert needs --tf_checkpoint=PREFIX (the TF1 checkpoint, e.g. '
             '.../pynet_bokeh_level_0)'
         )
-    params, info = convert.load_tf_checkpoint(_TF_CHECKPOINT.value)
-    path = checkpoint.save_params(workdir, 1, params, info)
+
+    def refuse_to_replace():
+        if 1 in checkpoint.saved_levels(workdir) and not _OVERWRITE.value:
+            raise UserError(f'{checkpoint.params_dir(workdir, 1)} already holds parameters '
+                            f'({checkpoint.describe(workdir, 1)}); pass --overwrite to replace '
+                            f'them, or convert into another --workdir')
+
+    refuse_to_replace()
+    params, info = convert.load_tf_checkpoint(_TF_CHECKPOINT.value)  # before touching the workdir
+    with workdir_lib.exclusive(workdir, 'convert'):
+        refuse_to_replace()
+        path = checkpoint.save_params(workdir, 1, params, info)
     print(
         f'Imported {convert.param_count(params):,} parameters '
         f'(channels={info["channels"]}, input_channels={info["input_channels"]}) to {path}'
@@ -88,7 +118,7 @@ def run_train(config, workdir: str) -> None:
     from bokeh_jax import train
 
     try:
-        train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir, config_source=_config_source())
     except train.Interrupted as e:
         print(e)
         sys.exit(EXIT_INTERRUPTED)
@@ -104,13 +134,13 @@ def run_render(config, workdir: str) -> None:
     from bokeh_jax import render
 
     if not (_INPUT.value and _OUTPUT.value):
-        raise app.UsageError('--mode=render needs --input=PHOTO_OR_FOLDER and --output=PATH')
+        raise UserError('--mode=render needs --input=PHOTO_OR_FOLDER and --output=PATH')
     try:
         render.render_paths(
             config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value
         )
     except render.RenderError as e:
-        sys.exit(f'render failed: {e}')
+        raise UserError(f'render failed: {e}') from None
 
 
 def run_bench(config, workdir: str) -> None:
@@ -129,15 +159,69 @@ MODES = {
 }
 
 
+def _config_source() -> str:
+    return _SOURCE[0]
+
+
+_SOURCE = ['']  # where the config of this run came from, for messages and config.json
+
+
+def resolve_config(mode: str, workdir: str) -> ml_collections.ConfigDict:
+    """The run's config (see the module docstring) with the command line's overrides."""
+    given = _CONFIG.value
+    explicit = flags.FLAGS['config'].present
+    saved = workdir_lib.read_config(workdir)
+    if explicit:
+        if saved is not None:
+            workdir_lib.check_same_model(workdir_lib.merge(given, saved[0]), given, workdir)
+        _SOURCE[0] = config_flags.get_config_filename(flags.FLAGS['config'])
+        return given
+    if saved is not None:
+        config = workdir_lib.merge(given, saved[0])
+        _SOURCE[0] = saved[1] or workdir_lib.config_path(workdir)
+        print(f'Using the config saved in {workdir_lib.config_path(workdir)} '
+              f'({saved[1] or "no source recorded"})', file=sys.stderr)
+    elif mode == 'train':
+        _SOURCE[0] = 'configs/default.py:demo'
+        return given
+    else:
+        config = _paper_config()
+        _SOURCE[0] = 'configs/default.py'
+    # The command line's --config.a.b=value, already parsed and typed by config_flags.
+    for field, value in config_flags.get_override_values(flags.FLAGS['config']).items():
+        workdir_lib.set_field(config, field, value)
+    config.lock()
+    return config
+
+
+def _paper_config() -> ml_collections.ConfigDict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('bokeh_jax_default_config', _DEFAULT_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def main(argv) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+        raise UserError(f'unexpected arguments: {argv[1:]}')
     if _MODE.value not in MODES:
-        raise app.UsageError(f'Unknown --mode={_MODE.value!r}; expected one of {sorted(MODES)}')
-    config = _CONFIG.value
-    logging.info('Config:\n%s', config)
+        raise UserError(f'unknown --mode={_MODE.value!r}; expected one of {sorted(MODES)}')
+    config = resolve_config(_MODE.value, _WORKDIR.value)
+    logging.info('Config (%s):\n%s', _SOURCE[0], config)
     MODES[_MODE.value](config, _WORKDIR.value)
 
 
+def _run() -> None:
+    try:
+        app.run(main)
+    except UserError as e:
+        if _DEBUG.present and _DEBUG.value:
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 if __name__ == '__main__':
-    app.run(main)
+    _run()

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bokeh_jax import model as model_lib
+from bokeh_jax.errors import MissingFileError, UserError
 
 _LEVEL_DIR = re.compile(r'^level_([1-7])$')
 
@@ -56,12 +57,34 @@ def save_params(workdir: str, level: int, params: Any, meta: dict) -> str:
     return path
 
 
+def _check_complete(path: str) -> None:
+    """A params folder holds both items; an empty or half-copied one is named, not restored."""
+    missing = [item for item in ('meta', 'params') if not os.path.isdir(os.path.join(path, item))]
+    if missing:
+        raise UserError(f'{path} is incomplete: it has no {" or ".join(missing)}/ item (an '
+                        f'interrupted copy or save?). Remove the folder, or train / convert again')
+
+
 def read_meta(workdir: str, level: int) -> dict:
     """The JSON metadata of `level`'s parameters (no weights are read)."""
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(
-            params_dir(workdir, level), ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    path = params_dir(workdir, level)
+    _check_complete(path)
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for a damaged file
+        raise UserError(f'{path}/meta cannot be read ({type(e).__name__}: {e})') from None
     return restored['meta']
+
+
+def describe(workdir: str, level: int) -> str:
+    """One line about the parameters of `level` in `workdir`, for messages."""
+    try:
+        meta = read_meta(workdir, level)
+    except UserError as e:
+        return f'level {level} (unreadable: {e})'
+    return (f'level {level}, channels={meta.get("channels")}, '
+            f'input_channels={meta.get("input_channels")}, source={meta.get("source")!r}')
 
 
 def load_params(workdir: str, level: int | None = None) -> tuple[Any, dict]:
@@ -73,14 +96,14 @@ def load_params(workdir: str, level: int | None = None) -> tuple[Any, dict]:
     levels = saved_levels(workdir)
     if level is None:
         if not levels:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f'No trained parameters in {os.path.join(workdir, "params")!r}: train first '
                 f'(--mode=train) or import the released model (--mode=convert --tf_checkpoint=...)'
             )
         level = levels[0]
     path = params_dir(workdir, level)
     if level not in levels:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f'No parameters for level {level} at {path!r} (saved levels: {levels})'
         )
     meta = read_meta(workdir, level)
@@ -92,8 +115,14 @@ def load_params(workdir: str, level: int | None = None) -> tuple[Any, dict]:
                 path, ocp.args.Composite(params=ocp.args.StandardRestore(target))
             )
         except (ValueError, KeyError) as e:
-            raise ValueError(
+            if 'shape' not in str(e).lower() and 'structure' not in str(e).lower():
+                raise UserError(f'{path}/params is damaged or truncated '
+                                f'({type(e).__name__}: {e})') from None
+            raise UserError(
                 f'{path}: stored parameters do not match PyNET(channels={meta["channels"]}, '
                 f'input_channels={meta["input_channels"]}): {e}'
             ) from None
+        except Exception as e:  # a truncated data file: orbax / tensorstore errors of many kinds
+            raise UserError(f'{path}/params is damaged or truncated '
+                            f'({type(e).__name__}: {str(e)[:300]})') from None
     return jax.tree.map(np.asarray, restored['params']), meta

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from bokeh_jax import model as model_lib
+from bokeh_jax.errors import MissingFileError, UserError
 
 _TF_NAME = re.compile(r'^generator/Variable(?:_(\d+))?$')
 
@@ -78,17 +79,17 @@ def load_tf_checkpoint(prefix: str) -> tuple[dict, dict]:
     try:
         reader = tf.train.load_checkpoint(prefix)
     except (ValueError, tf.errors.OpError) as e:
-        raise FileNotFoundError(f'No readable TF checkpoint at {prefix!r}: {e}') from None
+        raise MissingFileError(f'No readable TF checkpoint at {prefix!r}: {e}') from None
     shapes = reader.get_variable_to_shape_map()
     first = shapes.get(tf_variable_name(0))
     if first is None or len(first) != 4 or first[2] % 4:
-        raise ValueError(
+        raise UserError(
             f'{prefix}: expected variable {tf_variable_name(0)!r} with shape '
             f'[3, 3, 4*C_in, channels] (the first conv of PyNET), found {first}'
         )
     input_channels, channels = first[2] // 4, first[3]
     if input_channels not in (3, 4):
-        raise ValueError(
+        raise UserError(
             f'{prefix}: {tf_variable_name(0)} has {first[2]} input channels; expected 16 '
             f'(RGB + depth after space-to-depth) or 12 (RGB only)'
         )
@@ -98,7 +99,7 @@ def load_tf_checkpoint(prefix: str) -> tuple[dict, dict]:
     indices = sorted(int(m.group(1) or 0) for m in map(_TF_NAME.match, shapes) if m)
     extra = [tf_variable_name(i) for i in indices if i >= len(paths)]
     if extra:
-        raise ValueError(
+        raise UserError(
             f'{prefix}: {len(extra)} unexpected variables beyond the {len(paths)} of '
             f'PyNET (e.g. {extra[0]}); is this a PyNET-Bokeh checkpoint?'
         )
@@ -107,15 +108,21 @@ def load_tf_checkpoint(prefix: str) -> tuple[dict, dict]:
         name = tf_variable_name(index)
         want = tuple(_get(expected, path).shape)
         if name not in shapes:
-            raise ValueError(
+            raise UserError(
                 f'{prefix}: variable {name!r} (for {"/".join(path)}, shape {list(want)}) is missing'
             )
         if tuple(shapes[name]) != want:
-            raise ValueError(
+            raise UserError(
                 f'{prefix}: variable {name!r} has shape {shapes[name]}, expected '
                 f'{list(want)} for {"/".join(path)}'
             )
-        _set(params, path, np.asarray(reader.get_tensor(name), dtype=np.float32))
+        try:
+            value = reader.get_tensor(name)
+        except Exception as e:  # a truncated or damaged .data file
+            raise UserError(f'{prefix}: variable {name!r} cannot be read from the checkpoint\'s '
+                            f'.data file, which is truncated or damaged ({type(e).__name__}: '
+                            f'{e})') from None
+        _set(params, path, np.asarray(value, dtype=np.float32))
     info = {'channels': int(channels), 'input_channels': int(input_channels), 'source': str(prefix)}
     return params, info
 

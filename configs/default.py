@@ -211,12 +211,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
 
 
 # Demo schedule: (steps, global batch) per level. Most steps go to level 3, the last level whose
-# output reads the network's trunk directly; it trains its own layers only (1.4x the steps per
-# second of its whole path). Levels 2 and 1 train their own layers first, below, level 2 then its
-# whole path. This one scored +2.26 dB over identity in 13 min 13 s for a clean clone's `make
-# demo`, install included (README, "Status"; ~16 minutes when the machine runs 1.23x slower); a
-# 500-step level-2 finetune stage saves ~2 minutes and scores +1.63 dB. Each level's rate decays
-# linearly to 0 over its last third.
+# output reads the network's trunk directly. docs/experiments.md says how it was chosen.
 DEMO_SCHEDULE = {7: (100, 8), 6: (100, 8), 5: (150, 8), 4: (200, 8), 3: (3400, 4), 2: (500, 4),
                  1: (150, 4)}
 # Level 2's finetune stage: its whole path, after its own layers have learned to read level 3.
@@ -227,25 +222,18 @@ DEMO_LEVEL2_FINETUNE = {'steps': 1200, 'learning_rate': 1e-3, 'lr_schedule': 'li
 def _demo(config: ml_collections.ConfigDict) -> None:
     """`make demo`: all seven levels on the synthetic set, on a laptop CPU in minutes.
 
-    Deviations from the paper, all for time: width 8, 64-pixel crops, a few hundred steps per
-    level, a 20x higher learning rate (200x for the new layers of levels 2 and 1) that decays
-    linearly to zero over the last third of each level, Adam's b2 at 0.95 (stable at that rate),
-    level 3 training only its own layers, levels 2 and 1 their own layers first (level 2 then its
-    whole path in a finetune stage), He's init instead of the original's, level 1 starting as
-    level 2's image upsampled, and no VGG term (its ImageNet weights are a download). The
-    convolutions run on oneDNN where `make onednn` installed it (2.5x faster level-3 steps at this
-    size), else on XLA.
+    Deviations from the paper, all for time (docs/experiments.md has the measurements behind
+    each): width 8, 64-pixel crops, a few hundred steps per level, a 20x higher learning rate
+    (200x for the new layers of levels 2 and 1) that decays linearly to zero over the last third
+    of each level, Adam's b2 at 0.95, level 3 training only its own layers, levels 2 and 1 their
+    own layers first (level 2 then its whole path in a finetune stage), He's init, level 1
+    starting as level 2's image upsampled, and no VGG term (its ImageNet weights are a download).
     """
     config.model.channels = 8
-    # The original's fixed std 0.01 shrinks the signal through level 3's norm-free layers at
-    # width 8: level 3 reached 17.6 dB instead of 26.2 (on the v1 synthetic scenes).
-    config.model.init = 'he'
-    config.model.conv_impl = 'auto'
-    # Adam's second-moment decay 0.95 instead of 0.999: a gradient spike then raises the moment it
-    # divides by within a few steps, bounding the update. At 0.999, rate 1e-3 made level 3 diverge
-    # at random steps (loss 5 -> 40-50, its tanh head saturated, never recovering: at step ~610,
-    # ~1,040 or ~4,560 in three runs); at 0.95 no run diverged, and level 3 scored 27.43 dB
-    # against 25.86 with the previous demo's schedule.
+    config.model.init = 'he'  # the original's std 0.01 shrinks the signal at width 8
+    config.model.conv_impl = 'auto'  # oneDNN where `make onednn` installed it, else XLA
+    # A gradient spike raises the second moment it is divided by within a few steps, which bounds
+    # the update at the demo's high rate.
     config.train.adam_b2 = 0.95
     config.data.name = 'synthetic_bokeh'
     config.data.crop_size = 64
@@ -256,41 +244,20 @@ def _demo(config: ml_collections.ConfigDict) -> None:
         cfg = config.train[f'level{level}']
         cfg.steps, cfg.batch_size = steps, batch
         cfg.learning_rate = 1e-3
-        # The last iterates of a constant rate are noisy (level 3's validation PSNR swung between
-        # 22.5 and 24.8 dB from one checkpoint to the next); a linear decay settles them (24.4 dB
-        # after 650 steps instead of 22.9).
         cfg.lr_schedule, cfg.decay_steps = 'linear_decay', steps // 3
         cfg.loss.vgg = 0.0
-    # The new upsampling layers of levels 2 and 1 train alone first: joined with the whole path
-    # for a few hundred steps, their random start degrades level 3's features (measured: 15.4 dB
-    # at level 1 instead of 16.6). Alone they are a few hundred parameters, whose steps cost little
-    # more than a forward pass, and they take a 10x higher rate (measured from the same level-3
-    # parameters: level 2 at 21.6 dB instead of 20.3, level 1 at 20.6 instead of 16.6).
+    # The new upsampling layers of levels 2 and 1 train alone first, at a 10x higher rate: joined
+    # with the whole path from their random start they degrade level 3's features.
     for level in (2, 1):
         config.train[f'level{level}'].trainable = 'level'
         config.train[f'level{level}'].learning_rate = 1e-2
-    # Level 3 trains its own group: the trunk below it (levels 7-4, the encoder) stays as level 4
-    # left it until level 2's finetune stage. From the same level-4 parameters, level 3 then
-    # level 2 (500 + 500 steps) and level 1, in about the same time: level 3's own group for 3,400
-    # steps gave 26.09 / 25.97 / 25.17 dB, its whole path for 2,400 steps 26.48 / 25.62 / 24.81.
-    config.train.level3.trainable = 'level'
-    # Then level 2's whole path learns to carry the detail level 2 needs. From the same level-3
-    # parameters, level 2 / level 1: a 500-step stage 26.22 / 25.33 dB, 1,200 steps 26.97 / 25.96
-    # (level 2's own layers for 500 steps before either).
+    config.train.level3.trainable = 'level'  # the trunk stays as level 4 left it
     config.train.level2.finetune.update(DEMO_LEVEL2_FINETUNE)
-    # From random weights, level 1 scored 21.5 dB after 1,200 steps, below a plain resize of level
-    # 2's image (23.6); started as that resize it begins at 23.5 dB. Its own training adds little
-    # and then takes it back (24.49 dB at step 0, 24.56 after 150 steps, 24.44 after 400).
-    config.train.level1_start = 'upsample'
+    config.train.level1_start = 'upsample'  # level 1 starts as level 2's image upsampled
     config.train.log_every = 25
-    # A checkpoint every 2 minutes or so; each costs ~1 s of a core. TensorBoard images: the
-    # validation grid at the end of each level only (a training-batch image compiles the level's
-    # forward pass once more, ~5 s).
     config.train.checkpoint_every = 1000
-    config.train.image_every = 0
-    # Every synthetic record decoded and resized once (300 x 0.7 MiB): 1.07x the steps per second
-    # of level 3.
-    config.data.cache_mb = 512
+    config.train.image_every = 0  # only the validation grid at the end of each level
+    config.data.cache_mb = 512  # every synthetic record (300 x 0.7 MiB) decoded once
     config.eval.max_images = 0
     config.render.max_tile = 512
 
