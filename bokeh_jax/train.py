@@ -32,7 +32,7 @@ import contextlib
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import flax
@@ -52,6 +52,7 @@ from bokeh_jax import model as model_lib
 from bokeh_jax import workdir as workdir_lib
 from bokeh_jax.training import checkpoints
 from bokeh_jax.training import config_checks
+from bokeh_jax.training import divergence
 from bokeh_jax.training import multihost
 from bokeh_jax.training import optimizer as optimizer_lib
 from bokeh_jax.training import writer as writer_lib
@@ -84,7 +85,9 @@ def make_train_step(model: model_lib.PyNET, level: int, loss_weights: dict[str, 
         if trainable is not None:
             params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p),
                                   params, trainable)
+        # Losses and PSNR in float32 whatever the model computes in (config.model.dtype).
         output = model.apply({'params': params}, batch['input'], level=level)[level]
+        output = output.astype(jnp.float32)
         target = batch['target']
         terms = {'mae': losses.mae(output, target)}
         if 'ssim' in weights:
@@ -124,6 +127,7 @@ class _Run:
     stop: multihost.StopRequest
     vgg_params: Any  # replicated VGG-19 weights ({} without a VGG loss term)
     offsets: dict[int, int]  # the first global step of each level
+    stop_checks: int = 0  # calls of multihost.should_stop (the preemption sync point's step id)
 
 
 def _prepare_dataset_once(config: ml_collections.ConfigDict) -> None:
@@ -213,9 +217,9 @@ def _train_levels(config: ml_collections.ConfigDict, workdir: str, vgg_params: A
                 if level == 1 and config.train.level1_start == 'upsample':
                     # Before any restore: a resumed level 1 gets its checkpointed parameters.
                     params = model_lib.upsampling_start(params)
-                # Level step of this level's latest checkpoint (0: none).
-                resume = latest['level_step'] if latest and latest.get('level') == level else 0
-                params, opt_state = _train_level(run, level, params, opt_state, resume)
+                # This level's latest checkpoint, if any.
+                saved = latest if latest and latest.get('level') == level else None
+                params, opt_state = _train_level(run, level, params, opt_state, saved)
                 steps = config_checks.level_steps(config, level)
                 checkpoint_lib.save_params(workdir, level, params,
                                            {**run.model_meta, 'steps': steps})
@@ -236,11 +240,29 @@ def _train_levels(config: ml_collections.ConfigDict, workdir: str, vgg_params: A
     return summary
 
 
-def _train_level(run: _Run, level: int, params: Any, opt_state: Any, resume: int
+@dataclasses.dataclass
+class _LevelHistory:
+    """What a level's divergence handling has done, stored in every checkpoint's meta."""
+    windows: list  # skipped data windows (divergence.py), config's and rollbacks'
+    lr_scale: float  # learning-rate factor after rollbacks (1 = none)
+    rollbacks: list  # one record per rollback
+
+    def meta(self) -> dict:
+        return {'skip_windows': [list(w) for w in self.windows], 'lr_scale': self.lr_scale,
+                'rollbacks': self.rollbacks}
+
+
+def _train_level(run: _Run, level: int, params: Any, opt_state: Any, saved: dict | None
                  ) -> tuple[Any, Any]:
-    """Runs the level's stages from level step `resume` (0 = the start); returns the final
-    parameters and optimizer state (host arrays)."""
+    """Runs the level's stages from its latest checkpoint (`saved`: its meta; None = the start);
+    returns the final parameters and optimizer state (host arrays)."""
     config = run.config
+    resume = saved['level_step'] if saved else 0
+    saved = saved or {}
+    history = _LevelHistory(
+        windows=divergence.normalize([*config_checks.level_config(config, level).skip_windows,
+                                      *saved.get('skip_windows', [])]),
+        lr_scale=float(saved.get('lr_scale', 1.0)), rollbacks=list(saved.get('rollbacks', [])))
     level_stages = config_checks.stages(config, level)
     for index, stage in enumerate(level_stages):
         last = index == len(level_stages) - 1
@@ -248,7 +270,9 @@ def _train_level(run: _Run, level: int, params: Any, opt_state: Any, resume: int
         # the checkpoint holds its result.
         if resume >= stage.end and not last:
             continue
-        tx = optimizer_lib.make_optimizer(config, level, stage)
+        if resume <= stage.first:
+            history.lr_scale = 1.0  # a rollback's lower rate holds for the rest of its stage
+        tx = optimizer_lib.make_optimizer(config, level, stage, history.lr_scale)
         if index or opt_state is None or config.train.fresh_optimizer_per_level:
             opt_state = tx.init(params)  # a finetune stage always starts afresh
         else:
@@ -261,7 +285,7 @@ def _train_level(run: _Run, level: int, params: Any, opt_state: Any, resume: int
             # state.
             state = state.replace(params=restored.params) if resume == stage.first else restored
             logging.info('Resuming level %d at step %d', level, resume)
-        state = _train_stage(run, stage, tx, state)
+        state = _train_stage(run, stage, state, history)
         params, opt_state = state.params, state.opt_state
         if not last:  # the score before finetuning
             _validate(run, params, level, run.offsets[level] + stage.end)
@@ -272,11 +296,11 @@ class _PendingMetrics:
     """Per-step metrics left on the devices until `fetch` (log steps, and before anything is
     written from the parameters): then one transfer for all of them, checked in step order."""
 
-    def __init__(self, level: int, run: _Run):
-        self.level, self.run = level, run
+    def __init__(self, monitor: divergence.LossMonitor):
+        self.monitor = monitor
         self.steps: list[int] = []
         self.values: list[dict] = []
-        self.last_saved = 0  # level step of the last checkpoint written by this stage
+        self.last_saved = 0  # level step of the last good state (a checkpoint or the start)
 
     def add(self, step: int, metrics: dict) -> None:
         self.steps.append(step)
@@ -284,45 +308,128 @@ class _PendingMetrics:
 
     def fetch(self) -> dict | None:
         """Host floats of the newest step's metrics (None if none pending); raises
-        FloatingPointError at the first step whose loss is not finite."""
+        divergence.Divergence at the first step whose loss is not finite or spiked."""
         if not self.steps:
             return None
         fetched = jax.device_get(self.values)
-        for step, values in zip(self.steps, fetched):
+        steps, self.steps, self.values = self.steps, [], []
+        for step, values in zip(steps, fetched):
             host = {k: float(v[0]) for k, v in values.items()}
-            if not np.isfinite(host['loss']):
-                raise FloatingPointError(
-                    f'Level {self.level} step {step}: loss is {host["loss"]} ({host}). Stopped; '
-                    f'the last good checkpoint (level step {self.last_saved}) is kept in '
-                    f'{self.run.workdir}/checkpoints. Try a lower '
-                    f'config.train.level{self.level}.learning_rate.')
-        self.steps, self.values = [], []
+            self.monitor.check(step, host)
         return host
 
 
-def _train_stage(run: _Run, stage: config_checks.Stage, tx: optax.GradientTransformation,
-                 state: TrainState) -> TrainState:
-    """Runs a stage of a level from state.step to stage.end; returns the host (unreplicated)
-    state."""
+def _train_stage(run: _Run, stage: config_checks.Stage, state: TrainState,
+                 history: _LevelHistory) -> TrainState:
+    """Runs a stage of a level from state.step to stage.end, rolling back on divergence when
+    config.train.on_divergence='rollback'; returns the host (unreplicated) state."""
+    start_state = state
+    monitor = divergence.LossMonitor(stage.level, run.config.train.spike_factor,
+                                     run.config.train.spike_window)
+    compiled = {}  # learning-rate factor -> pmapped step: a rollback at the same rate reuses it
+    while True:
+        if history.lr_scale not in compiled:
+            tx = optimizer_lib.make_optimizer(run.config, stage.level, stage, history.lr_scale)
+            compiled[history.lr_scale] = _step_fn(run, stage, tx, state.params)
+        try:
+            return _run_steps(run, stage, compiled[history.lr_scale], state, history, monitor)
+        except divergence.Divergence as diverged:
+            state = _roll_back(run, stage, diverged, history, start_state)
+            monitor.reset()
+
+
+def _roll_back(run: _Run, stage: config_checks.Stage, diverged: divergence.Divergence,
+               history: _LevelHistory, start_state: TrainState) -> TrainState:
+    """The last good state before `diverged`, with its batches added to the skipped windows
+    (and the rate lowered); raises FloatingPointError when rolling back is off or used up."""
+    config, level = run.config, stage.level
+    good = diverged.last_good  # level step
+    kept = (f'the last good checkpoint (level step {good}) is kept in {run.workdir}/checkpoints'
+            if good > 0 else 'no checkpoint of this level yet')
+    if config.train.on_divergence == 'stop':
+        raise FloatingPointError(
+            f'{diverged} ({diverged.metrics}). Stopped; {kept}. Try a lower '
+            f'config.train.level{level}.learning_rate, or config.train.on_divergence='
+            f"'rollback'.") from None
+    window = (divergence.data_step(good, history.windows),
+              divergence.data_step(diverged.step, history.windows))
+    record = {'step': diverged.step,
+              'loss': diverged.loss if np.isfinite(diverged.loss) else str(diverged.loss),
+              'reason': diverged.reason, 'restored_step': good, 'skipped': list(window),
+              'lr_scale': history.lr_scale * config.train.rollback_lr_factor}
+    if len(history.rollbacks) >= config.train.max_rollbacks:
+        listed = '; '.join(
+            f'step {r["step"]} loss {r["loss"]} ({r["reason"]}) -> step {r["restored_step"]}, '
+            f'data steps {r["skipped"][0]}..{r["skipped"][1]} skipped'
+            for r in history.rollbacks) or 'none'
+        raise FloatingPointError(
+            f'{diverged}: gave up after {len(history.rollbacks)} rollbacks at level {level} '
+            f'(config.train.max_rollbacks={config.train.max_rollbacks}): {listed}. {kept}.'
+        ) from None
+    history.rollbacks.append(record)
+    history.windows = divergence.normalize([*history.windows, window])
+    history.lr_scale = record['lr_scale']
+    logging.warning('Level %d step %d: loss %s (%s); rolled back to level step %d, skipping data '
+                    'steps %d..%d, learning-rate factor %g (rollback %d of at most %d)', level,
+                    diverged.step, diverged.loss, diverged.reason, good, *window,
+                    history.lr_scale, len(history.rollbacks), config.train.max_rollbacks)
+    run.logger.scalars(run.offsets[level] + diverged.step + 1, {
+        'level': level, 'step': diverged.step + 1, 'rollback': len(history.rollbacks),
+        'rollback_loss': record['loss'], 'rollback_reason': diverged.reason,
+        'rollback_to_step': good, 'skipped_data_first': window[0],
+        'skipped_data_last': window[1], 'lr_scale': history.lr_scale})
+    run.manager.wait_until_finished()
+    if good == int(start_state.step):
+        return start_state
+    return checkpoints.restore_state(run.manager, run.offsets[level] + good, start_state)
+
+
+def _batches(config: ml_collections.ConfigDict, level: int, start: int, batch_size: int,
+             windows: list) -> Iterator[dict]:
+    """Training batches of level steps start, start + 1, ... with the skipped windows left
+    out: one input-pipeline iterator per run of unskipped data steps."""
+    for first, count in divergence.segments(start, windows):
+        batches = input_pipeline.train_iterator(
+            config, level, first, batch_size=batch_size,
+            num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
+            process_count=jax.process_count())
+        try:
+            if count is None:
+                yield from batches
+            else:
+                for _ in range(count):
+                    yield next(batches)
+        finally:
+            if hasattr(batches, 'close'):
+                batches.close()
+
+
+def _step_fn(run: _Run, stage: config_checks.Stage, tx: optax.GradientTransformation,
+             params: Any) -> Callable:
+    """The stage's pmapped train step."""
+    trainable = optimizer_lib.trainable_mask(params, stage.level, stage.cfg.trainable)
+    # Donating the state saves a copy of it on accelerators; on CPU it made steps ~8% slower.
+    donate = () if jax.default_backend() == 'cpu' else (0,)
+    return jax.pmap(make_train_step(run.model, stage.level, dict(stage.cfg.loss), tx, trainable),
+                    axis_name=AXIS, donate_argnums=donate)
+
+
+def _run_steps(run: _Run, stage: config_checks.Stage, step_fn: Callable, state: TrainState, history: _LevelHistory,
+               monitor: divergence.LossMonitor) -> TrainState:
+    """Runs level steps state.step .. stage.end; returns the host (unreplicated) state. Raises
+    divergence.Divergence (with `last_good`, the level step of the last good state) at the first
+    step whose loss diverged."""
     config, level, cfg = run.config, stage.level, stage.cfg
     start, end, offset = int(state.step), stage.end, run.offsets[stage.level]
     if start >= end:
         return state
-    trainable = optimizer_lib.trainable_mask(state.params, level, cfg.trainable)
-    # Donating the state saves a copy of it on accelerators; on CPU it made steps ~8% slower.
-    donate = () if jax.default_backend() == 'cpu' else (0,)
-    step_fn = jax.pmap(make_train_step(run.model, level, dict(cfg.loss), tx, trainable),
-                       axis_name=AXIS, donate_argnums=donate)
-    batches = input_pipeline.train_iterator(
-        config, level, start, batch_size=cfg.batch_size,
-        num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
-        process_count=jax.process_count())
-    meta = lambda step: {'level': level, 'level_step': step, **run.model_meta}
+    batches = _batches(config, level, start, cfg.batch_size, history.windows)
+    meta = lambda step: {'level': level, 'level_step': step, **run.model_meta, **history.meta()}
     # Jitted once per level: a jit made at every image summary traced and compiled the model each
     # time.
     forward = jax.jit(functools.partial(run.model.apply, level=level))
     state = multihost.replicate(state)
-    pending = _PendingMetrics(level, run)
+    pending = _PendingMetrics(monitor)
     pending.last_saved = start
 
     def save(step: int) -> None:
@@ -335,11 +442,12 @@ def _train_stage(run: _Run, stage: config_checks.Stage, tx: optax.GradientTransf
     timer, images_seen = time.perf_counter(), 0
     try:
         for step in range(start, end):
-            if multihost.all_processes_agree(run.stop.signal is not None):
+            run.stop_checks += 1
+            if multihost.should_stop(run.stop, run.stop_checks):
                 if step != pending.last_saved:
                     save(step)
                 run.manager.wait_until_finished()
-                raise Interrupted(f'Stopped by signal {run.stop.signal} at level {level} step '
+                raise Interrupted(f'Stopped by {run.stop.describe()} at level {level} step '
                                   f'{step}; state saved to {run.workdir}/checkpoints. Re-run to '
                                   f'resume.')
             batch = next(batches)
@@ -368,10 +476,12 @@ def _train_stage(run: _Run, stage: config_checks.Stage, tx: optax.GradientTransf
                 save(done)
         # A stage's end is also a checkpoint, so fresh_optimizer_per_level=False can resume.
         save(end)
+    except divergence.Divergence as diverged:
+        diverged.last_good = pending.last_saved
+        raise
     finally:
         bar.close()
-        if hasattr(batches, 'close'):
-            batches.close()
+        batches.close()
     host = multihost.unreplicate(state)
     return TrainState(step=np.int32(host.step), params=host.params, opt_state=host.opt_state)
 

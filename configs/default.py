@@ -41,6 +41,9 @@ def level_config(level: int, steps: int, batch_size: int) -> ml_collections.Conf
                 'vgg': 0.1 if fine else 0.0,
                 'ssim': 10.0 if fine else 0.0,
             },
+            # Data steps (first, last), inclusive, whose batches this level never trains on (level
+            # step s trains on the s-th data step outside them); rollbacks add theirs (below).
+            'skip_windows': (),
             # A second stage of the level (not in the paper): `steps` more steps (0 = none) with
             # these trainable parameters and learning rate, from fresh Adam state. E.g. a level
             # trained alone ('level') at a high rate, then with its whole path at a low one.
@@ -125,6 +128,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 3  # resumable checkpoints kept in WORKDIR/checkpoints
     # A workdir whose finest params/level_K start training (fine-tuning); '' = fresh parameters.
     config.train.init_from = ''
+    # A diverged step: a NaN / Inf loss, or (spike_factor > 0) a loss over spike_factor times the
+    # median of the last spike_window losses. 'stop' ends the run with an error; 'rollback'
+    # restores the last good checkpoint, skips the batches from it to the diverged step
+    # (stored in the checkpoints: exact on resuming), multiplies the level's learning rate by
+    # rollback_lr_factor for the rest of its stage, and goes on; more than max_rollbacks at one
+    # level end the run with an error listing them. Each rollback is logged (metrics.jsonl,
+    # TensorBoard levelK/rollback*, console).
+    config.train.on_divergence = 'stop'
+    config.train.spike_factor = 0.0  # 0 = only non-finite losses count; e.g. 5.0
+    config.train.spike_window = 100  # losses in the running median (checked from 10 on)
+    config.train.rollback_lr_factor = 1.0  # e.g. 0.5 halves the rate at every rollback
+    config.train.max_rollbacks = 3  # per level
     config.train.distributed = 'auto'  # jax.distributed: 'auto' (TPU VM / cluster env), 'yes', 'no'
 
     # jax.distributed.initialize arguments; empty coordinator = detect from the environment.

@@ -226,6 +226,62 @@ def test_nan_between_log_steps_stops_before_the_next_checkpoint(tmp_path, data_d
         'loss' not in line for line in open(os.path.join(workdir, 'metrics.jsonl')))
 
 
+def _poison(monkeypatch, data_steps):
+    """The input pipeline serves NaN inputs at these data steps."""
+    real = input_pipeline.train_iterator
+
+    def poisoned(config, level, start, **kwargs):
+        for step, batch in enumerate(real(config, level, start, **kwargs), start):
+            if step in data_steps:
+                batch = {**batch, 'input': np.full_like(batch['input'], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, 'train_iterator', poisoned)
+
+
+def _rollback_config(data_dir: str, **overrides):
+    return tiny_config(data_dir, **{
+        'train.order': (7,), 'train.level7.steps': 12, 'train.log_every': 50,
+        'train.checkpoint_every': 5, 'train.keep_checkpoints': 10, 'train.final_eval': False,
+        'eval.max_images': 1, 'train.val_grid_tile': 0, 'train.on_divergence': 'rollback',
+        **overrides})
+
+
+def test_rollback_skips_the_window_and_equals_a_run_that_skipped_it(tmp_path, data_dir,
+                                                                    monkeypatch):
+    """A NaN at data step 7 (checkpoints every 5, metrics fetched at 10) rolls back to level step
+    5 and skips data steps 5..7; the result is finite, logged, recorded in the checkpoints, and
+    bit-identical to a run told to skip that window from the start."""
+    _poison(monkeypatch, {7})
+    rolled = str(tmp_path / 'rolled')
+    train.train_and_evaluate(_rollback_config(data_dir), rolled)
+    params, _ = checkpoint.load_params(rolled, 7)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+    with open(os.path.join(rolled, 'metrics.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    [rollback] = [r for r in records if 'rollback' in r]
+    assert rollback['rollback_loss'] == 'nan' and rollback['rollback_to_step'] == 5
+    assert (rollback['skipped_data_first'], rollback['skipped_data_last']) == (5, 7)
+    assert 'level7/rollback' in tensorboard_tags(rolled)
+    manager = checkpoints_lib.checkpoint_manager(rolled, _rollback_config(data_dir))
+    meta = checkpoints_lib.latest_meta(manager)
+    manager.close()
+    assert meta['skip_windows'] == [[5, 7]] and len(meta['rollbacks']) == 1
+
+    skipped = str(tmp_path / 'skipped')
+    train.train_and_evaluate(_rollback_config(data_dir, **{
+        'train.level7.skip_windows': ((5, 7),), 'train.on_divergence': 'stop'}), skipped)
+    assert_trees_equal(params, checkpoint.load_params(skipped, 7)[0], 'rolled back vs skipped')
+
+
+def test_rollbacks_give_up_after_max_rollbacks_listing_them(tmp_path, data_dir, monkeypatch):
+    _poison(monkeypatch, {7, 9})  # the second one is level step 6 once 5..7 are skipped
+    config = _rollback_config(data_dir, **{'train.max_rollbacks': 1})
+    with pytest.raises(FloatingPointError, match=r'Level 7 step 6: loss is nan.*gave up after 1 '
+                                                 r'rollbacks.*step 7 loss nan.*data steps 5\.\.7'):
+        train.train_and_evaluate(config, str(tmp_path / 'work'))
+
+
 # ----------------------------------------------------------------------------- launch.py runs
 
 # Two levels, enough steps at level 6 for a signal to land in the middle of it.

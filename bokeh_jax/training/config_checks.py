@@ -100,6 +100,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
                              f'got {weights}')
         if not isinstance(cfg.steps, int) or cfg.steps <= 0:
             raise UserError(f'{name}.steps must be a positive integer, got {cfg.steps!r}')
+        _check_windows(cfg.get('skip_windows', ()), f'{name}.skip_windows')
         finetune = cfg.get('finetune')
         if finetune is not None and (not isinstance(finetune.steps, int) or finetune.steps < 0):
             raise UserError(f'{name}.finetune.steps must be an integer >= 0 (0 = no finetune '
@@ -115,6 +116,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     for key in ('log_every', 'checkpoint_every'):
         if config.train[key] <= 0:
             raise UserError(f'config.train.{key} must be > 0, got {config.train[key]!r}')
+    _check_divergence(config.train)
     tile = config.train.val_grid_tile
     if not isinstance(tile, int) or tile < 0:
         raise UserError(f'config.train.val_grid_tile must be an integer >= 0 (0 = no grid), '
@@ -151,6 +153,31 @@ def _check_stage(stage: Stage) -> None:
     if cfg.lr_schedule == 'linear_decay' and cfg.warmup_steps + cfg.decay_steps > cfg.steps:
         raise UserError(f'{name}.warmup_steps + decay_steps must be <= steps={cfg.steps}, '
                          f'got {cfg.warmup_steps} + {cfg.decay_steps}')
+
+
+def _check_windows(windows: Any, field: str) -> None:
+    ok = isinstance(windows, (tuple, list)) and all(
+        isinstance(w, (tuple, list)) and len(w) == 2 and all(isinstance(v, int) for v in w)
+        and 0 <= w[0] <= w[1] for w in windows)
+    if not ok:
+        raise UserError(f'{field} must be a list of (first, last) data steps with '
+                        f'0 <= first <= last, e.g. ((500, 520),), got {windows!r}')
+
+
+def _check_divergence(train: ml_collections.ConfigDict) -> None:
+    _check_choice(train.on_divergence, ('stop', 'rollback'), 'config.train.on_divergence')
+    factor = train.spike_factor
+    if not isinstance(factor, (int, float)) or not (factor == 0 or factor > 1):
+        raise UserError(f'config.train.spike_factor must be 0 (off) or > 1, got {factor!r}')
+    if not isinstance(train.spike_window, int) or train.spike_window < 1:
+        raise UserError(f'config.train.spike_window must be an integer >= 1, '
+                        f'got {train.spike_window!r}')
+    lr = train.rollback_lr_factor
+    if not isinstance(lr, (int, float)) or not 0 < lr <= 1:
+        raise UserError(f'config.train.rollback_lr_factor must be in (0, 1], got {lr!r}')
+    if not isinstance(train.max_rollbacks, int) or train.max_rollbacks < 0:
+        raise UserError(f'config.train.max_rollbacks must be an integer >= 0, '
+                        f'got {train.max_rollbacks!r}')
 
 
 def _check_choice(value: Any, choices: tuple[str, ...], field: str) -> None:

@@ -55,27 +55,55 @@ def unreplicate(tree: Any) -> Any:
 
 
 def all_processes_agree(flag: bool) -> bool:
-    """True if `flag` is set on any process (so that every process stops at the same step)."""
+    """True if `flag` is set on any process (an all-gather: a collective every process calls)."""
     if jax.process_count() == 1:
         return flag
     from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
+def should_stop(stop: 'StopRequest', step_id: int) -> bool:
+    """Whether every process stops before this step (to save and exit).
+
+    One process: a SIGTERM / SIGINT was caught (StopRequest). Several: JAX's preemption sync
+    point (jax.distributed's preemption service, whose notifier catches SIGTERM): once any process
+    got the signal, all of them agree on the same step without a collective at every step.
+    step_id: increases by one at every call, on every process alike.
+    """
+    if jax.process_count() == 1:
+        return stop.signal is not None
+    from jax.experimental import multihost_utils
+    if multihost_utils.reached_preemption_sync_point(step_id):
+        stop.signal = signal.SIGTERM
+        return True
+    return False
+
+
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop saves and leaves at the next step boundary."""
+    """SIGTERM / SIGINT set a flag; the loop saves and leaves at the next step boundary.
+
+    On a multi-process run SIGTERM is left to JAX's preemption notifier (installed by
+    jax.distributed.initialize, which a Python handler would replace), and SIGINT keeps its
+    default (KeyboardInterrupt): a flag on one process alone could not stop the others.
+    """
 
     def __init__(self):
         self.signal: int | None = None
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if jax.process_count() == 1:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.signal = signum
+
+    def describe(self) -> str:
+        if jax.process_count() > 1:
+            return 'a preemption notice (SIGTERM to a process; all processes agreed on the step)'
+        return f'signal {self.signal}'
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -84,4 +112,3 @@ class StopRequest:
 
 class Interrupted(Exception):
     """Training stopped on a signal after saving its state; re-run the command to resume."""
-

@@ -53,11 +53,12 @@ def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([schedule for _, schedule in pieces], boundaries)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, level: int, stage: Stage | None = None
-                   ) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, level: int, stage: Stage | None = None,
+                   lr_scale: float = 1.0) -> optax.GradientTransformation:
     """Adam at the stage's learning rate (schedule); updates of frozen parameters are zeroed.
 
     stage: one of `stages(config, level)`; None = the first (the level's own settings).
+    lr_scale: a factor on the whole schedule (lowered by divergence rollbacks; same state).
 
     The state is (Adam moments, schedule step count, mask) with the same structure at every level
     and stage (moments for all parameters; those never reached by a gradient stay zero), which is
@@ -65,12 +66,15 @@ def make_optimizer(config: ml_collections.ConfigDict, level: int, stage: Stage |
     level, and any checkpoint restore into any stage's state.
     """
     cfg = (stage or stages(config, level)[0]).cfg
+    schedule = learning_rate(cfg)
+    if lr_scale != 1.0:
+        schedule = lambda count, base=schedule: lr_scale * base(count)
     frozen = lambda params: jax.tree.map(lambda t: not t,
                                          trainable_mask(params, level, cfg.trainable))
     return optax.chain(
         optax.scale_by_adam(b1=config.train.adam_b1, b2=config.train.adam_b2,
                             eps=config.train.adam_eps),
-        optax.scale_by_learning_rate(learning_rate(cfg)),
+        optax.scale_by_learning_rate(schedule),
         optax.masked(optax.set_to_zero(), frozen),
     )
 
