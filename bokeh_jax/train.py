@@ -180,6 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _train_levels(config: ml_collections.ConfigDict, workdir: str, vgg_params: Any) -> dict:
+    if jax.process_index() == 0:  # before the others open the checkpoints (a sync point below)
+        checkpoints.set_aside_incomplete(workdir)
     _prepare_dataset_once(config)
 
     input_channels = config_checks.input_channels(config)

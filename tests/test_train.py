@@ -421,3 +421,60 @@ def test_two_processes_match_one_process_on_two_devices(data_dir, uninterrupted,
         multi, _ = checkpoint.load_params(workdir, level)
         single, _ = checkpoint.load_params(uninterrupted, level)
         assert_trees_equal(multi, single, f'level {level}')
+
+
+def _start(args: list[str], log_path) -> tuple[subprocess.Popen, object]:
+    log = open(log_path, 'w+')  # a file: a full pipe would stall the run
+    return subprocess.Popen(launch_command(*args), cwd=ROOT, env=launch_env(2), stdout=log,
+                            stderr=subprocess.STDOUT, text=True), log
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.002)
+    assert process.poll() is None, 'the run ended before the kill point'
+    process.kill()  # SIGKILL: no handler, no cleanup
+    process.wait(timeout=60)
+
+
+def _level6_steps_logged(workdir: str) -> int:
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if '"loss"' in line and '"level": 6' in line)
+
+
+def test_sigkill_at_three_points_then_resume_equals_uninterrupted_run(data_dir, uninterrupted,
+                                                                      tmp_path):
+    """SIGKILL during the end-of-level parameter save, during an async checkpoint save, and
+    between steps; each re-run sets the half-written folder aside (naming it) and resumes, and
+    the last one ends with the parameters of the uninterrupted run."""
+    workdir = str(tmp_path / 'killed')
+    args = train_args(data_dir, workdir)
+    level7_tmp = os.path.join(workdir, 'params', 'level_7.orbax-checkpoint-tmp')
+    step11_tmp = os.path.join(workdir, 'checkpoints', '11.orbax-checkpoint-tmp')  # level 6 step 8
+    kills = [lambda: os.path.exists(level7_tmp), lambda: os.path.exists(step11_tmp),
+             lambda: _level6_steps_logged(workdir) >= 22]
+    half_written = []
+    for index, ready in enumerate(kills):
+        process, log = _start(args, tmp_path / f'run{index}.log')
+        _kill_when(process, ready)
+        log.seek(0)
+        out = log.read()
+        log.close()
+        if index and half_written and half_written[-1][0] == index - 1:
+            assert f'Half-written {half_written[-1][1]}' in out, out[-3000:]
+        assert process.returncode == -signal.SIGKILL, out[-3000:]
+        for tmp in (level7_tmp, step11_tmp):
+            if os.path.exists(tmp):
+                half_written.append((index, tmp))
+    assert half_written, 'no kill landed inside a save'
+    result = launch(*args, devices=2)
+    assert 'Resuming level 6' in result.stderr
+    for level in (7, 6):
+        resumed, _ = checkpoint.load_params(workdir, level)
+        reference, _ = checkpoint.load_params(uninterrupted, level)
+        assert_trees_equal(resumed, reference, f'level {level}')
+    assert os.listdir(os.path.join(workdir, 'incomplete'))  # set aside, not deleted
