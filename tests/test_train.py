@@ -388,16 +388,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_process_args(data_dir: str, workdir: str, port: int, process_id: int) -> list[str]:
+    return [*train_args(data_dir, workdir), '--config.train.distributed=yes',
+            f'--config.dist.coordinator_address=127.0.0.1:{port}',
+            '--config.dist.num_processes=2', f'--config.dist.process_id={process_id}',
+            '--config.dist.cpu_collectives=gloo', '--config.dist.initialization_timeout=60',
+            '--config.dist.heartbeat_timeout=30']
+
+
 def test_two_processes_match_one_process_on_two_devices(data_dir, uninterrupted, tmp_path):
     workdir = str(tmp_path / 'multihost')
     port = _free_port()
     processes, logs = [], []
     for process_id in (0, 1):
-        args = [*train_args(data_dir, workdir), '--config.train.distributed=yes',
-                f'--config.dist.coordinator_address=127.0.0.1:{port}',
-                '--config.dist.num_processes=2', f'--config.dist.process_id={process_id}',
-                '--config.dist.cpu_collectives=gloo', '--config.dist.initialization_timeout=60',
-                '--config.dist.heartbeat_timeout=30']
+        args = _two_process_args(data_dir, workdir, port, process_id)
         # Output goes to files: a full pipe would block one process inside a collective.
         logs.append(open(tmp_path / f'process{process_id}.log', 'w+'))
         processes.append(subprocess.Popen(
@@ -423,9 +427,56 @@ def test_two_processes_match_one_process_on_two_devices(data_dir, uninterrupted,
         assert_trees_equal(multi, single, f'level {level}')
 
 
-def _start(args: list[str], log_path) -> tuple[subprocess.Popen, object]:
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_checkpoint(data_dir, uninterrupted,
+                                                                      tmp_path):
+    """A SIGTERM to process 1 alone reaches process 0 through JAX's preemption sync point: both
+    save one checkpoint at the same step and exit 75; it resumes (here on one process with two
+    devices) to the uninterrupted run's parameters."""
+    workdir = str(tmp_path / 'preempted')
+    port = _free_port()
+    processes, logs = [], []
+    for process_id in (0, 1):
+        process, log = _start(_two_process_args(data_dir, workdir, port, process_id),
+                              tmp_path / f'process{process_id}.log', devices=1)
+        processes.append(process)
+        logs.append(log)
+    try:
+        deadline = time.time() + 400
+        while (time.time() < deadline and processes[0].poll() is None
+               and _level6_steps_logged(workdir) < 2):
+            time.sleep(0.05)
+        processes[1].send_signal(signal.SIGTERM)
+        for p in processes:
+            p.wait(timeout=300)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    outs = []
+    for p, log in zip(processes, logs):
+        log.seek(0)
+        outs.append(log.read())
+        log.close()
+        assert p.returncode == 75, outs[-1][-4000:]
+    stopped = [line for out in outs for line in out.splitlines() if 'preemption notice' in line]
+    assert len(stopped) == 2 and len({line.split(' step ')[1] for line in stopped}) == 1, stopped
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+    assert steps and steps[-1] < sum(RUN_STEPS.values())
+    assert not glob.glob(os.path.join(workdir, 'checkpoints', '*tmp*'))
+    assert checkpoint.saved_levels(workdir) == [7]
+
+    launch(*train_args(data_dir, workdir), devices=2)
+    for level in (7, 6):
+        resumed, _ = checkpoint.load_params(workdir, level)
+        reference, _ = checkpoint.load_params(uninterrupted, level)
+        assert_trees_equal(resumed, reference, f'level {level}')
+
+
+def _start(args: list[str], log_path, devices: int = 2) -> tuple[subprocess.Popen, object]:
     log = open(log_path, 'w+')  # a file: a full pipe would stall the run
-    return subprocess.Popen(launch_command(*args), cwd=ROOT, env=launch_env(2), stdout=log,
+    return subprocess.Popen(launch_command(*args), cwd=ROOT, env=launch_env(devices), stdout=log,
                             stderr=subprocess.STDOUT, text=True), log
 
 
