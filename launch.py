@@ -22,6 +22,8 @@ Modes:
             baselines: writes WORKDIR/eval/<split>_level<K>_<protocol>/ (CSV, JSON, grid.png)
   bench     speed of the forward pass, train steps and rendering against the TF / PyTorch peers
             (config.bench): prints tables, writes WORKDIR/bench.json
+  estimate  wall time and peak memory of config.train's whole schedule on this backend: times
+            one train step per level (--estimate_step_budget), writes WORKDIR/estimate.json
   render    full-resolution bokeh of a photo or a folder with WORKDIR's level-1 params:
             --input=PHOTO|FOLDER [--depth=MAP|FOLDER] --output=FILE|FOLDER [--overwrite]
             (config.render; depth: any resolution, near = bright)
@@ -62,6 +64,9 @@ _OUTPUT = flags.DEFINE_string(
 )
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'render, convert: replace existing outputs (never an input of the run).')
+_ESTIMATE_STEP_BUDGET = flags.DEFINE_float(
+    'estimate_step_budget', 30.0, 'estimate: a step predicted slower than this many seconds is '
+    'timed at one image per device and scaled to the batch.')
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show the traceback of user errors too.')
 
 
@@ -149,6 +154,12 @@ def run_bench(config, workdir: str) -> None:
     harness.run(config, workdir)
 
 
+def run_estimate(config, workdir: str) -> None:
+    from bokeh_jax.training import estimate
+
+    estimate.run(config, workdir, step_budget_s=_ESTIMATE_STEP_BUDGET.value)
+
+
 MODES = {
     'eval': run_eval,
     'train': run_train,
@@ -156,6 +167,7 @@ MODES = {
     'convert': run_convert,
     'bench': run_bench,
     'render': run_render,
+    'estimate': run_estimate,
 }
 
 
