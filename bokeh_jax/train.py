@@ -15,9 +15,17 @@ Workdir layout:
   metrics.jsonl, tensorboard/  logs (process 0 only, training/writer.py)
 
 Re-running the same command resumes: finished levels are skipped, the current level restarts at
-its last checkpoint, and the input pipeline serves the batch of (seed, level, step), so the result
-equals an uninterrupted run. SIGTERM / SIGINT save a checkpoint and exit cleanly; a NaN or Inf
-loss stops the run with an error and leaves the last good checkpoint untouched.
+its last checkpoint, and the input pipeline serves the batch of (seed, level, data step), so the
+result equals an uninterrupted run. A run killed outright (SIGKILL, power loss) may leave a
+half-written checkpoint or parameter set: the next run moves it to WORKDIR/incomplete/ and resumes
+from the last complete one. SIGTERM / SIGINT save a checkpoint and exit cleanly (status 75); on a
+multi-process run a SIGTERM to any process reaches all of them through JAX's preemption sync
+point, and they stop at the same step.
+
+A diverged step (NaN / Inf loss, or a spike over the running median: training/divergence.py)
+stops the run with an error and leaves the last good checkpoint untouched, or with
+config.train.on_divergence='rollback' restores that checkpoint, skips the data steps from it to
+the diverged step (recorded in the checkpoints' meta, so resuming skips them too), and goes on.
 
 Metrics stay on the devices between log steps (a host transfer per step would stall an
 accelerator's dispatch queue). They are fetched, and checked for NaN / Inf, at every log step and

@@ -474,6 +474,25 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_checkpoint(data_dir, 
         assert_trees_equal(resumed, reference, f'level {level}')
 
 
+def test_half_written_checkpoints_are_set_aside_not_deleted(tmp_path, caplog):
+    workdir = tmp_path / 'work'
+    for folder in ('checkpoints/4/state', 'checkpoints/4/meta', 'checkpoints/8/state',
+                   'checkpoints/12.orbax-checkpoint-tmp/state', 'params/level_7/params',
+                   'params/level_7/meta', 'params/level_6/meta',
+                   'params/level_5.orbax-checkpoint-tmp/params'):
+        os.makedirs(workdir / folder)
+    (workdir / 'checkpoints' / '8' / 'state' / 'data').write_text('kept')
+    moved = checkpoints_lib.set_aside_incomplete(str(workdir))
+    assert sorted(os.path.basename(os.path.dirname(p)) + '/' + os.path.basename(p).split('.')[0]
+                  for p in moved) == ['checkpoints/12', 'checkpoints/8', 'params/level_5',
+                                      'params/level_6']
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['4']
+    assert sorted(os.listdir(workdir / 'params')) == ['level_7']
+    [step8] = [p for p in moved if os.path.basename(p).startswith('8.')]
+    assert open(os.path.join(step8, 'state', 'data')).read() == 'kept'
+    assert f'Half-written {workdir}/checkpoints/12.orbax-checkpoint-tmp' in caplog.text
+
+
 def _start(args: list[str], log_path, devices: int = 2) -> tuple[subprocess.Popen, object]:
     log = open(log_path, 'w+')  # a file: a full pipe would stall the run
     return subprocess.Popen(launch_command(*args), cwd=ROOT, env=launch_env(devices), stdout=log,
