@@ -209,13 +209,30 @@ def main(argv) -> None:
     if _MODE.value not in MODES:
         raise UserError(f'unknown --mode={_MODE.value!r}; expected one of {sorted(MODES)}')
     config = resolve_config(_MODE.value, _WORKDIR.value)
-    logging.info('Config (%s):\n%s', _SOURCE[0], config)
+    logging.info('Config: %s', _SOURCE[0])
     MODES[_MODE.value](config, _WORKDIR.value)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad `--config.x` override (an unknown field, a value of the
+    wrong type) turned into a one-line error naming it."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise UserError(str(e)) from None
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        text = str(e.args[0] if e.args else e)
+        for old, new in (('\\n', ' '), ('\n', ' '), ("\\'", ''), ("'", '')):
+            text = text.replace(old, new)
+        overrides = [a for a in argv[1:] if a.startswith('--config.')]
+        named = [a.split('=')[0] for a in overrides
+                 if a.split('=')[0].rsplit('.', 1)[-1] in text] or overrides
+        raise UserError(f'{", ".join(named) or "--config"}: {text}') from None
 
 
 def _run() -> None:
     try:
-        app.run(main)
+        app.run(main, flags_parser=_parse_flags)
     except UserError as e:
         if _DEBUG.present and _DEBUG.value:
             raise
