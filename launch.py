@@ -101,15 +101,15 @@ def run_eval(config, workdir: str) -> None:
 
 
 def run_render(config, workdir: str) -> None:
-    from bokeh_jax import render
+    from bokeh_jax import render_jobs
 
     if not (_INPUT.value and _OUTPUT.value):
         raise app.UsageError('--mode=render needs --input=PHOTO_OR_FOLDER and --output=PATH')
     try:
-        render.render_paths(
+        render_jobs.render_paths(
             config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value
         )
-    except render.RenderError as e:
+    except render_jobs.RenderError as e:
         sys.exit(f'render failed: {e}')
 
 
