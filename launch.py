@@ -96,7 +96,9 @@ def run_train(config, workdir: str) -> None:
 
 def run_eval(config, workdir: str) -> None:
     from bokeh_jax import evaluate
+    from tfds_ebb import prepare
 
+    prepare.prepare_dataset_once(config.data)
     evaluate.run(config, workdir)
 
 

@@ -115,7 +115,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     if not isinstance(crop, int) or crop <= 0 or crop % model_lib.SIZE_MULTIPLE:
         raise ValueError(f'config.data.crop_size must be a positive multiple of '
                          f'{model_lib.SIZE_MULTIPLE}, got {crop!r}')
-    input_pipeline.cache_bytes(config)  # checks config.data.cache_mb
+    input_pipeline.cache_bytes(config.data)  # checks config.data.cache_mb
     model_lib.check_conv_impl(config.model.conv_impl)
     _check_choice(config.train.level1_start, LEVEL1_STARTS, 'config.train.level1_start')
     _check_choice(config.model.init, model_lib.INIT_SCHEMES, 'config.model.init')
@@ -477,13 +477,9 @@ def _progress(level: int | str, start: int, total: int, enabled: bool):
 
 def _prepare_dataset_once(config: ml_collections.ConfigDict) -> None:
     """Builds the dataset if needed: process 0 first, the others once it is there."""
-    if jax.process_index() == 0:
-        input_pipeline.prepare_dataset(config)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices('bokeh_jax: dataset prepared')
-        if jax.process_index() > 0:
-            input_pipeline.prepare_dataset(config)
+    from tfds_ebb import prepare  # the builders; the library itself only reads the data set
+
+    prepare.prepare_dataset_once(config.data)
 
 
 def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tuple[Any, str]:
@@ -620,7 +616,7 @@ def _train_level(config, workdir, stage: Stage, model, tx, state, manager, offse
     step_fn = jax.pmap(make_train_step(model, level, dict(cfg.loss), tx, trainable),
                        axis_name=AXIS, donate_argnums=donate)
     batches = input_pipeline.train_iterator(
-        config, level, start, batch_size=cfg.batch_size,
+        config.data, config.seed, level, start, batch_size=cfg.batch_size,
         num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
         process_count=jax.process_count())
     meta = lambda step: {'level': level, 'level_step': step, **model_meta}
@@ -696,10 +692,11 @@ def _validate(config, params, model_meta, level, logger, global_step) -> dict:
 
     # Identity only: the classical renderer costs seconds per photo, too much at every level.
     tile = int(config.train.val_grid_tile)
-    result = evaluate.evaluate_with_grid(
-        config, params, model_meta, config.data.eval_split, level=level,
-        max_images=config.eval.max_images or None, baselines=('identity',),
+    options = evaluate.Options.from_config(
+        config, level=level, baselines=('identity',),
         grid_images=int(config.eval.grid_images) if tile else 0, grid_tile=tile)
+    result = evaluate.evaluate_split(params, model_meta, config.data, config.data.eval_split,
+                                     options)
     _log_validation(logger, level, global_step, result.summary)
     if result.grid is not None:
         grid = np.asarray(result.grid.convert('RGB'), np.float32) / 255

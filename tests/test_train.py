@@ -18,6 +18,7 @@ import pytest
 from bokeh_jax import checkpoint, input_pipeline, train
 from bokeh_jax import model as model_lib
 from configs import default
+from tfds_ebb import prepare
 from helpers import ROOT, assert_trees_equal, launch, launch_command, launch_env
 
 
@@ -36,7 +37,7 @@ def tiny_config(data_dir: str, **overrides):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('tfds'))
-    input_pipeline.prepare_dataset(tiny_config(path))
+    prepare.prepare_dataset(tiny_config(path).data)
     return path
 
 
