@@ -1,32 +1,16 @@
 """Evaluation (`launch.py --mode=eval`): a model's output scored on a whole split.
 
-The protocol of the original PyNET (SPEC "Evaluation of the original"): every image in one pass,
-the output clipped to [0, 1], PSNR / SSIM / MS-SSIM as TF computes them (bokeh_jax.metrics) and,
-when `config.eval.lpips_weights` is set, LPIPS, per image, then averaged over the split.
-Protocols: `pynet` cuts a 32-pixel border first (as the original), `full` scores the whole frame.
-
-Sizes. The input pipeline pads every image of a split to one shape (multiples of 32, reflect).
-The padded output is cropped back to the image's own size before scoring, so padding never enters
-a metric. At level K an H x W photo's output covers (H // 2, W // 2) * 2**(2 - K) pixels (rounded
-down; `level_size`), and the target is the part of the bokeh photo those pixels cover, downscaled
-2**(K - 1) times (antialiased bicubic, image_ops.resize; `to_level`). The border shrinks with the
-level likewise (`level_border`). Metrics need static shapes, so the model is compiled once per
-padded shape and level, and the scoring once per distinct image size: few (EBB! has 1024 x 1536
-and 1024 x 1600).
-
-Absent values. A metric is undefined for images smaller than its window after the border crop
-(`metric_min_size`: MS-SSIM 161 px, SSIM 11, LPIPS 31 alex / 16 vgg16). Such a per-image value is
-empty, and a mean over images of which some lack the metric is null with a note in the summary,
-never a number over a subset. Without LPIPS weights LPIPS is not reported at all (lpips.py); the
-classical baseline of an `rgb` dataset (no depth maps) is null. No image is ever skipped.
+What is compared and how (borders, level sizes, where a metric is defined, the pure predict and
+score steps) is eval_protocol.py; this module runs it over a split, with baselines, over all
+processes, and hands the rows to reports.py.
 
 Baselines, scored exactly like the model: `identity` (the sharp photo itself as the prediction)
 and `classical` (bokeh_jax.classical.render_bokeh on the sharp photo and its depth map), both
 on the full-size photos and depth maps that the eval batches carry for them
 (input_pipeline.eval_iterator's `with_photos`). The classical renderer costs about 1-3 s per
-EBB! photo on one CPU core;
-`config.eval.baselines` selects which baselines run. On `synthetic_bokeh` the classical baseline
-is close to perfect: that data set is rendered by the same renderer.
+EBB! photo on one CPU core; `config.eval.baselines` selects which baselines run. On
+`synthetic_bokeh` the classical baseline is close to perfect: that data set is rendered by the
+same renderer.
 
 Multi-process: every process runs the same number of steps (the pipeline pads each share with
 entries whose `valid` is False) and the same pmapped calls (the image sizes of a step are agreed
@@ -55,35 +39,18 @@ from PIL import Image
 
 from bokeh_jax import checkpoint
 from bokeh_jax import classical
+from bokeh_jax import eval_protocol
 from bokeh_jax import image_ops
 from bokeh_jax import input_pipeline
 from bokeh_jax import lpips as lpips_lib
-from bokeh_jax import metrics
 from bokeh_jax import model as model_lib
 from bokeh_jax import reports
 
-# Pixels cut from every side before scoring, at full resolution (the original cuts 32).
-PROTOCOL_BORDERS = {'full': 0, 'pynet': 32}
-IMAGE_METRICS = ('psnr', 'ssim', 'ms_ssim')  # always scored; 'lpips' too when weights are given
 BASELINES = ('identity', 'classical')
 _INVALID = (-1, -1)  # level size recorded for the pipeline's padding entries
 
 
-# ----------------------------------------------------------------------------- checks
-
-def check_protocol(protocol: str) -> str:
-    if protocol not in PROTOCOL_BORDERS:
-        raise ValueError(f'config.eval.protocol must be one of {sorted(PROTOCOL_BORDERS)}, '
-                         f'got {protocol!r}')
-    return protocol
-
-
-def check_level(level: Any, field: str = 'config.eval.level') -> int:
-    if isinstance(level, bool) or level not in image_ops.LEVELS:
-        raise ValueError(f'{field} must be one of the paper levels 1..7 (1 = finest), '
-                         f'got {level!r}')
-    return int(level)
-
+# ----------------------------------------------------------------------------- options
 
 def check_baselines(baselines: Sequence[str]) -> tuple[str, ...]:
     baselines = tuple(baselines)
@@ -93,139 +60,6 @@ def check_baselines(baselines: Sequence[str]) -> tuple[str, ...]:
                          f'of {list(BASELINES)}')
     return baselines
 
-
-# ----------------------------------------------------------------------------- level geometry
-
-def level_border(protocol: str, level: int) -> int:
-    """Border cut from each side of level `level`'s output: the protocol's full-resolution
-    border scaled by 2**(1 - level), rounded up (32 px at level 1, 1 px at level 7)."""
-    check_protocol(protocol)
-    return -(-PROTOCOL_BORDERS[protocol] // 2 ** (level - 1))
-
-
-def level_size(height: int, width: int, level: int) -> tuple[int, int]:
-    """(height, width) of the part of level `level`'s output that shows an H x W photo; the
-    rest of the output comes from padding. Level 1: 2 * (H // 2) x 2 * (W // 2)."""
-    scale = model_lib.level_output_scale(level)
-    half_h, half_w = image_ops.half_size(int(height), int(width))
-    return int(half_h * scale), int(half_w * scale)
-
-
-def to_level(image: np.ndarray, size: Sequence[int], level: int) -> np.ndarray:
-    """A full-resolution image as level `level` sees it.
-
-    Args:
-      image: float32 [H, W, 3] in [0, 1], full resolution.
-      size: level_size(H, W, level).
-      level: paper level.
-
-    Returns:
-      float32 [size, 3] in [0, 1]: the area that the level's pixels cover, downscaled
-      2**(level - 1) times (antialiased bicubic), clipped because the cubic overshoots.
-    """
-    factor = 2 ** (level - 1)
-    region = np.asarray(image[:size[0] * factor, :size[1] * factor], np.float32)
-    if factor == 1:
-        return region
-    return np.clip(image_ops.resize(region, size), 0.0, 1.0)
-
-
-def metric_min_size(name: str, lpips_net: str = '') -> int:
-    """Smallest image side (after the border crop) on which metric `name` is defined."""
-    if name == 'psnr':
-        return 1
-    if name == 'ssim':
-        return metrics.FILTER_SIZE
-    if name == 'ms_ssim':
-        return metrics.ms_ssim_min_size()
-    if name == 'lpips':
-        return lpips_lib.MIN_SIZE[lpips_net]
-    raise ValueError(f'unknown metric {name!r}')
-
-
-def defined_metrics(size: Sequence[int], border: int, names: Sequence[str],
-                    lpips_net: str = '') -> tuple[str, ...]:
-    """Those of `names` defined on images of `size` once `border` is cut from each side."""
-    side = min(size) - 2 * border
-    return tuple(n for n in names if side >= metric_min_size(n, lpips_net))
-
-
-# ----------------------------------------------------------------------------- pure steps
-
-def predict(params: Any, images: jax.Array, *, model: model_lib.PyNET, level: int) -> jax.Array:
-    """Level `level`'s output clipped to [0, 1], as the original scores and saves it.
-
-    Args:
-      params: the PyNET parameter tree.
-      images: float32 [N, H, W, C] in [0, 1], H and W multiples of 32.
-
-    Returns:
-      float32 [N, H * s, W * s, 3] in [0, 1], s = 2**(2 - level) (model.level_output_scale).
-    """
-    return jnp.clip(model.apply({'params': params}, images, level=level)[level], 0.0, 1.0)
-
-
-def score(prediction: jax.Array, target: jax.Array, lpips_params: Any, *, size: Sequence[int],
-          border: int, names: Sequence[str], lpips_net: str = '') -> dict[str, jax.Array]:
-    """Per-image metrics of the top-left `size` part (the image without its padding).
-
-    Args:
-      prediction, target: float32 [N, H, W, 3] in [0, 1], H >= size[0], W >= size[1].
-      lpips_params: LPIPS weights (lpips.LPIPS.params); unused without 'lpips' in names.
-      size: (height, width) scored; static.
-      border: pixels cut from each side of that part first.
-      names: metrics to compute, all defined at this size (see `defined_metrics`).
-
-    Returns:
-      {name: float32 [N]}.
-    """
-    height, width = size
-    prediction = metrics.crop_border(prediction[:, :height, :width], border)
-    target = metrics.crop_border(target[:, :height, :width], border)
-    scores = metrics.image_metrics(prediction, target, 0, [n for n in names if n != 'lpips'])
-    if 'lpips' in names:
-        scores['lpips'] = lpips_lib.lpips_distance(lpips_params, prediction, target, lpips_net)
-    return scores
-
-
-def evaluate(params: Any, batch: dict[str, jax.Array], lpips_params: Any, *,
-             model: model_lib.PyNET, level: int, size: Sequence[int], border: int,
-             names: Sequence[str], lpips_net: str = '') -> tuple[dict[str, jax.Array], jax.Array]:
-    """The model's per-image metrics on a batch of whole images of one size (pure; pmap it).
-
-    Args:
-      params: the PyNET parameter tree.
-      batch: {'input': float32 [N, H, W, C] in [0, 1] (padded, H and W multiples of 32),
-        'target': float32 [N, H * s, W * s, 3] in [0, 1], the level's target padded alike}.
-      lpips_params, size, border, names, lpips_net: as in `score`.
-      model, level: the PyNET and the level whose output is scored.
-
-    Returns:
-      ({name: float32 [N]}, the clipped prediction float32 [N, H * s, W * s, 3]).
-
-    `evaluate_split` runs the two halves, `predict` and `score`, as separate pmapped programs,
-    so that the model is compiled once per padded shape and only the scoring once per image size.
-    """
-    prediction = predict(params, batch['input'], model=model, level=level)
-    scores = score(prediction, batch['target'], lpips_params, size=size, border=border,
-                   names=names, lpips_net=lpips_net)
-    return scores, prediction
-
-
-@functools.lru_cache(maxsize=None)
-def _pmapped_predict(channels: int, dtype: str, level: int, conv_impl: str):
-    # Cached so that periodic validation during training reuses the compiled program.
-    model = model_lib.PyNET(channels=channels, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
-    return jax.pmap(functools.partial(predict, model=model, level=level))
-
-
-@functools.lru_cache(maxsize=None)
-def _pmapped_score(size: tuple[int, int], border: int, names: tuple[str, ...], lpips_net: str):
-    return jax.pmap(functools.partial(score, size=size, border=border, names=names,
-                                      lpips_net=lpips_net))
-
-
-# ----------------------------------------------------------------------------- options
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -248,8 +82,8 @@ class Options:
     grid_tile: int = 0
 
     def __post_init__(self):
-        check_protocol(self.protocol)
-        check_level(self.level, 'level')
+        eval_protocol.check_protocol(self.protocol)
+        eval_protocol.check_level(self.level, 'level')
         object.__setattr__(self, 'baselines', check_baselines(self.baselines))
         if self.max_images < 0:
             raise ValueError(f'max_images must be >= 0 (0 = the whole split), got '
@@ -266,6 +100,21 @@ class Options:
                   'conv_impl': config.model.conv_impl, 'grid_images': int(config.eval.grid_images),
                   'grid_tile': int(config.eval.grid_tile)}
         return cls(**{**values, **overrides})
+
+
+# ----------------------------------------------------------------------------- compiled steps
+
+@functools.lru_cache(maxsize=None)
+def _pmapped_predict(channels: int, dtype: str, level: int, conv_impl: str):
+    # Cached so that periodic validation during training reuses the compiled program.
+    model = model_lib.PyNET(channels=channels, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
+    return jax.pmap(functools.partial(eval_protocol.predict, model=model, level=level))
+
+
+@functools.lru_cache(maxsize=None)
+def _pmapped_score(size: tuple[int, int], border: int, names: tuple[str, ...], lpips_net: str):
+    return jax.pmap(functools.partial(eval_protocol.score, size=size, border=border,
+                                      names=names, lpips_net=lpips_net))
 
 
 # ----------------------------------------------------------------------------- multi-process
@@ -348,7 +197,7 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
       options.grid_images > 0.
     """
     level, protocol = options.level, options.protocol
-    border = level_border(protocol, level)
+    border = eval_protocol.level_border(protocol, level)
     with_depth = data.builder_config == 'rgbd'
     if int(meta['input_channels']) != (4 if with_depth else 3):
         raise ValueError(
@@ -363,7 +212,7 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
     lpips_model = (lpips_lib.load_lpips(options.lpips_weights)
                    if options.lpips_weights else None)
     lpips_net = lpips_model.net if lpips_model else ''
-    names = IMAGE_METRICS + (('lpips',) if lpips_model else ())
+    names = eval_protocol.IMAGE_METRICS + (('lpips',) if lpips_model else ())
     if not lpips_model:
         notes.append('LPIPS not reported: config.eval.lpips_weights is empty')
 
@@ -386,7 +235,7 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
             step_ids = [str(v) for v in batch['id'][:, 0]]
             valid = np.asarray(batch['valid'][:, 0], bool)
             heights, widths = batch['height'][:, 0], batch['width'][:, 0]
-            sizes_here = [level_size(h, w, level) if v else _INVALID
+            sizes_here = [eval_protocol.level_size(h, w, level) if v else _INVALID
                           for v, h, w in zip(valid, heights, widths)]
             prediction = p_predict(replicated, batch['input'])
             out_shape = prediction.shape[2:4]
@@ -430,7 +279,7 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
     summary = reports.summarize(
         rows, names, methods, baselines, notes, split=split, level=level, protocol=protocol,
         border=border, meta=meta,
-        min_sizes={name: metric_min_size(name, lpips_net) for name in names})
+        min_sizes={name: eval_protocol.metric_min_size(name, lpips_net) for name in names})
     grid = None
     if extremes.k and tile:
         merged = _gather_extremes(extremes, (len(row_names), *tile, 3))
@@ -450,7 +299,7 @@ def _score_step(images: dict[str, Any], sizes: Sequence[tuple[int, int]],
     """
     values = np.full((len(sizes), len(methods), len(names)), np.nan, np.float32)
     for size in _step_sizes(sizes):
-        defined = defined_metrics(size, border, names, lpips_net)
+        defined = eval_protocol.defined_metrics(size, border, names, lpips_net)
         if not defined:
             continue
         p_score = _pmapped_score(size, border, defined, lpips_net)
@@ -482,19 +331,21 @@ def _level_images(batch: dict[str, np.ndarray], sizes: Sequence[tuple[int, int]]
         if size == _INVALID or min(size) <= 0:
             continue
         if level > 1:
-            images['target'][d, 0, :size[0], :size[1]] = to_level(batch['target'][d, 0], size,
-                                                                  level)
+            images['target'][d, 0, :size[0], :size[1]] = eval_protocol.to_level(
+                batch['target'][d, 0], size, level)
         if not baselines:
             continue
         height, width = int(batch['height'][d, 0]), int(batch['width'][d, 0])
         sharp = image_ops.to_float(batch['photo'][d, 0, :height, :width])
         if 'identity' in baselines:
-            images['identity'][d, 0, :size[0], :size[1]] = to_level(sharp, size, level)
+            images['identity'][d, 0, :size[0], :size[1]] = eval_protocol.to_level(
+                sharp, size, level)
         if 'classical' in baselines:
             depth = batch['depth'][d, 0, :int(batch['depth_height'][d, 0]),
                                    :int(batch['depth_width'][d, 0])]
             rendered = classical.render_bokeh(sharp, depth)
-            images['classical'][d, 0, :size[0], :size[1]] = to_level(rendered, size, level)
+            images['classical'][d, 0, :size[0], :size[1]] = eval_protocol.to_level(
+                rendered, size, level)
     return images
 
 
@@ -529,11 +380,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     WORKDIR/eval/<split>_level<K>_<protocol>/{per_image.csv, summary.json, grid.png} (process 0)
     and prints the summary. Returns the summary.
     """
-    check_protocol(config.eval.protocol)
-    level = check_level(config.eval.level)
+    eval_protocol.check_protocol(config.eval.protocol)
+    level = eval_protocol.check_level(config.eval.level)
     params_level = int(config.eval.params_level)
     if params_level:
-        check_level(params_level, 'config.eval.params_level')
+        eval_protocol.check_level(params_level, 'config.eval.params_level')
     check_baselines(config.eval.baselines)
     params, meta = checkpoint.load_params(workdir, params_level or None)
     trained = meta.get('level')

@@ -1,10 +1,10 @@
 """Input pipeline: the prepared TFDS dataset (array_record) read with grain, without TensorFlow.
 
-Reading goes through `tfds.builder_from_directory(...).as_data_source(split)` (random access to
-the array_record files, examples parsed by TFDS's numpy parser) and grain (`MapDataset`, worker
-processes via `mp_prefetch`); images are decoded with PIL. Nothing here imports TensorFlow, so
-training runs on accelerator images without it, nor the builders: the data set is found in its
-folder (`dataset_dir`) once tfds_ebb.prepare has built it.
+Reading goes through dataset.py (random access to the array_record files of a prepared split,
+examples parsed by TFDS's numpy parser) and grain (`MapDataset`, worker processes via
+`mp_prefetch`); images are decoded with PIL. Nothing here imports TensorFlow, so training runs on
+accelerator images without it, nor the builders (tfds_ebb): train and eval build the data set
+first (tfds_ebb.prepare).
 
 Each function takes the part of the config it reads: `config.data` (+ `config.seed` for
 training) and explicit batch sizes.
@@ -32,104 +32,17 @@ import time
 from typing import Any
 
 from absl import flags
-from etils import epath
 import grain
 import ml_collections
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds
 
+from bokeh_jax import dataset
 from bokeh_jax import image_io
 from bokeh_jax import image_ops
 
-FILE_FORMAT = 'array_record'  # the random-access format grain reads (tfds_ebb.prepare builds it)
-_IMAGE_KEYS = ('sharp', 'bokeh', 'depth')
-_SYNTHETIC_FIELDS = ('num_train', 'num_validation', 'height', 'width', 'seed')
 # Elements of the (unbounded) training sequence that a MapDataset may address.
 _MAX_TRAIN_STEPS = 2**31
-
-
-# ----------------------------------------------------------------------------- dataset on disk
-
-def dataset_dir(data: ml_collections.ConfigDict) -> str:
-    """The folder of the prepared data set `data.name`/`data.builder_config`.
-
-    <data.data_dir or TFDS's default>/<name>/<builder_config>/<newest version with a
-    dataset_info.json>: where TFDS builds it (tfds_ebb.prepare.prepare_dataset). Raises
-    FileNotFoundError when the data set is not prepared there.
-    """
-    root = epath.Path(data.data_dir or tfds.core.constants.get_default_data_dir())
-    folder = root / data.name / data.builder_config
-    versions = []
-    if folder.is_dir():
-        versions = [tfds.core.Version(p.name) for p in folder.iterdir()
-                    if tfds.core.Version.is_valid(p.name) and (p / 'dataset_info.json').exists()]
-    if not versions:
-        raise FileNotFoundError(
-            f'{data.name}/{data.builder_config} is not prepared in {folder}; build it first '
-            '(train and eval do: tfds_ebb.prepare.prepare_dataset)')
-    return str(folder / str(max(versions)))
-
-
-def dataset_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """The prepared data set that `data` names, read from its folder (no builder code needed)."""
-    return tfds.builder_from_directory(dataset_dir(data))
-
-
-def synthetic_settings(data: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The synthetic_bokeh builder arguments that data.synthetic sets (its metadata.json keeps
-    them)."""
-    settings = {field: int(data.synthetic[field]) for field in _SYNTHETIC_FIELDS}
-    return {**settings, 'strength': float(data.synthetic.strength),
-            'foreground': bool(data.synthetic.foreground)}
-
-
-def synthetic_differs(data: ml_collections.ConfigDict, metadata: dict[str, Any]) -> bool:
-    """Whether a synthetic_bokeh set with `metadata` (its metadata.json) was generated with other
-    settings than data.synthetic asks for."""
-    wanted = synthetic_settings(data)
-    return {k: metadata.get(k) for k in wanted} != wanted
-
-
-class _Source:
-    """Random access to one split, opened lazily so that it pickles small (each grain worker
-    process opens its own)."""
-
-    def __init__(self, data_dir: str, split: str):
-        self.data_dir, self.split = data_dir, split
-        self._records = None
-
-    def __getstate__(self) -> dict[str, str]:
-        return {'data_dir': self.data_dir, 'split': self.split}
-
-    def __setstate__(self, state: dict[str, str]) -> None:
-        self.__init__(**state)
-
-    @property
-    def records(self) -> Sequence[dict[str, Any]]:
-        if self._records is None:
-            builder = tfds.builder_from_directory(self.data_dir)
-            decoders = {k: tfds.decode.SkipDecoding()
-                        for k in _IMAGE_KEYS if k in builder.info.features}
-            self._records = builder.as_data_source(self.split, decoders=decoders)
-        return self._records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.records[index]
-
-
-def _source(data: ml_collections.ConfigDict, split: str) -> _Source:
-    builder = dataset_builder(data)
-    if data.name == 'synthetic_bokeh' and synthetic_differs(data, builder.info.metadata):
-        raise ValueError(f'{builder.data_dir} was generated with other settings than '
-                         'config.data.synthetic; build it again (tfds_ebb.prepare.prepare_dataset)')
-    if split not in builder.info.splits:
-        raise ValueError(f'split {split!r} not in {data.name} '
-                         f'(has {sorted(builder.info.splits)})')
-    return _Source(str(builder.data_dir), split)
 
 
 # ----------------------------------------------------------------------------- training
@@ -150,7 +63,7 @@ class _TrainExample:
     to the crop made from the encoded record, so the batches do not depend on the cache.
     """
 
-    def __init__(self, source: _Source, seed: int, level: int, crop: int, with_depth: bool,
+    def __init__(self, source: dataset.Source, seed: int, level: int, crop: int, with_depth: bool,
                  cache_bytes: int = 0):
         self.source, self.seed, self.level = source, seed, level
         self.crop, self.with_depth, self.cache_bytes = crop, with_depth, int(cache_bytes)
@@ -313,10 +226,11 @@ def cache_bytes(data: ml_collections.ConfigDict) -> int:
     return int(cache_mb * 2**20)
 
 
-def _finish(dataset: grain.MapDataset, data: ml_collections.ConfigDict) -> grain.DatasetIterator:
-    """Iterates `dataset` with prefetching threads, in worker processes if configured."""
+def _finish(pipeline: grain.MapDataset, data: ml_collections.ConfigDict
+            ) -> grain.DatasetIterator:
+    """Iterates `pipeline` with prefetching threads, in worker processes if configured."""
     prefetch = max(int(data.prefetch), 1)
-    iter_dataset = dataset.to_iter_dataset(
+    iter_dataset = pipeline.to_iter_dataset(
         grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
     if data.num_workers > 0:
         if not flags.FLAGS.is_parsed():
@@ -355,17 +269,17 @@ def train_iterator(data: ml_collections.ConfigDict, seed: int, level: int, start
         raise ValueError(f'start_step must be >= 0, got {start_step}')
     crop = int(data.crop_size)
     image_ops.level_output_size(crop, level)  # validates crop and level
-    make = _TrainExample(_source(data, data.train_split), _check_seed(seed), level, crop,
+    make = _TrainExample(dataset.source(data, data.train_split), _check_seed(seed), level, crop,
                          data.builder_config == 'rgbd', cache_bytes=cache_bytes(data))
 
     def global_index(i: int) -> int:
         step, row = divmod(i, local)
         return (start_step + step) * batch_size + process_index * local + row
 
-    dataset = (grain.MapDataset.range(_MAX_TRAIN_STEPS * local)
+    pipeline = (grain.MapDataset.range(_MAX_TRAIN_STEPS * local)
                .map(global_index).map(make).batch(local)
                .map(functools.partial(_per_device, num_devices=num_local_devices)))
-    return _finish(dataset, data)
+    return _finish(pipeline, data)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -373,7 +287,7 @@ def train_iterator(data: ml_collections.ConfigDict, seed: int, level: int, start
 @dataclasses.dataclass(frozen=True)
 class _EvalExample:
     """Index into this process's share -> one whole image padded to `padded` (or a dummy)."""
-    source: _Source
+    source: dataset.Source
     first: int  # global index of this process's first image
     count: int  # images of this process
     padded: tuple[int, int]  # input height, width (multiples of 32)
@@ -418,7 +332,8 @@ def _zero_padded(image: np.ndarray | None, shape: tuple[int, int], channels: tup
     return out
 
 
-def _largest_sizes(source: _Source, count: int, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
+def _largest_sizes(source: dataset.Source, count: int, keys: Sequence[str]
+                   ) -> dict[str, tuple[int, int]]:
     """{key: the largest (height, width) of image `key` among the first `count` records}, read
     from the image headers only."""
     largest = {key: (0, 0) for key in keys}
@@ -455,7 +370,7 @@ def eval_iterator(data: ml_collections.ConfigDict, split: str, *, num_local_devi
                       'eval batch')
     if max_images < 0:
         raise ValueError(f'max_images must be >= 0 (0 = the whole split), got {max_images}')
-    source = _source(data, split)
+    source = dataset.source(data, split)
     total = len(source)
     if max_images > 0:
         total = min(total, max_images)
@@ -472,10 +387,10 @@ def eval_iterator(data: ml_collections.ConfigDict, split: str, *, num_local_devi
                         4 if with_depth else 3,
                         photo_shape=largest['sharp'] if with_photos else None,
                         depth_shape=largest.get('depth'))
-    dataset = (grain.MapDataset.range(steps * num_local_devices).map(make)
+    pipeline = (grain.MapDataset.range(steps * num_local_devices).map(make)
                .batch(num_local_devices)
                .map(lambda batch: {k: v[:, None] for k, v in batch.items()}))
-    return _finish(dataset, data)
+    return _finish(pipeline, data)
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -37,7 +37,7 @@ def summarize(rows: Sequence[dict[str, Any]], names: Sequence[str], methods: Seq
     """Means over the split's images (rows: see evaluate.evaluate_split).
 
     min_sizes: {metric: the smallest image side, after the border crop, on which it is defined}
-    (evaluate.metric_min_size), for the note on a metric that some images lack.
+    (eval_protocol.metric_min_size), for the note on a metric that some images lack.
 
     Returns:
       {split, level, protocol, border (pixels at this level), num_images, checkpoint_level,

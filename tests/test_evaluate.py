@@ -20,6 +20,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bokeh_jax import checkpoint
+from bokeh_jax import dataset
+from bokeh_jax import eval_protocol
 from bokeh_jax import evaluate
 from bokeh_jax import image_ops
 from bokeh_jax import input_pipeline
@@ -106,7 +108,7 @@ def synthetic(tmp_path_factory):
     lpips_path = str(root / 'lpips_alex.npz')
     np.savez(lpips_path, **arrays)
     builder = tfds.builder_from_directory(
-        str(input_pipeline.dataset_builder(synthetic_config(root / 'data').data).data_dir))
+        str(dataset.dataset_builder(synthetic_config(root / 'data').data).data_dir))
     records = builder.as_data_source(
         'validation', decoders={k: tfds.decode.SkipDecoding() for k in ('sharp', 'bokeh', 'depth')})
     photos = [(r['id'].decode(), decode(r['sharp']), decode(r['bokeh'])) for r in records]
@@ -216,8 +218,8 @@ def test_coarser_level_scores_the_downscaled_target(synthetic):
     devices = jax.local_device_count()
     batch = next(input_pipeline.eval_iterator(config.data, 'validation',
                                               num_local_devices=devices))
-    target = np.stack([[evaluate.to_level(t[0], (24, 32), 4)] for t in batch['target']])
-    step = jax.pmap(lambda p, b, lp: evaluate.evaluate(
+    target = np.stack([[eval_protocol.to_level(t[0], (24, 32), 4)] for t in batch['target']])
+    step = jax.pmap(lambda p, b, lp: eval_protocol.evaluate(
         p, b, lp, model=model_lib.PyNET(CHANNELS), level=4, size=(24, 32), border=4,
         names=('psnr', 'ssim')))
     replicated = jax.tree.map(lambda x: jnp.stack([x] * devices), params)

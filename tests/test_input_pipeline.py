@@ -1,4 +1,4 @@
-"""Tests of bokeh_jax/image_ops.py and bokeh_jax/input_pipeline.py on a real (tiny) TFDS build."""
+"""Tests of bokeh_jax/image_ops.py, dataset.py and input_pipeline.py on a real (tiny) TFDS build."""
 
 import io
 import pathlib
@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from bokeh_jax import dataset
 from bokeh_jax import image_ops
 from bokeh_jax import input_pipeline
 from configs import default
@@ -180,7 +181,7 @@ def test_decoded_record_cache_changes_no_bit_and_stays_within_its_bound(data_dir
         for key in ('input', 'target'):
             np.testing.assert_array_equal(a[key], b[key])
     # A bound of two and a half records: the least recently used are evicted, nothing changes.
-    source = input_pipeline._source(config.data, 'train')
+    source = dataset.source(config.data, 'train')
     plain = input_pipeline._TrainExample(source, 0, 2, 64, True)
     one = input_pipeline._Prepared(input_pipeline._Decoded(source[0], True)).nbytes
     small = input_pipeline._TrainExample(source, 0, 2, 64, True, cache_bytes=int(2.5 * one))
@@ -195,7 +196,7 @@ def test_decoded_record_cache_changes_no_bit_and_stays_within_its_bound(data_dir
 
 def test_epochs_are_seeded_permutations(data_dir):
     config = tiny_config(data_dir)
-    source = input_pipeline._source(config.data, 'train')
+    source = dataset.source(config.data, 'train')
     make = input_pipeline._TrainExample(source, 0, 3, 64, True)
     orders = [make.permutation(e) for e in range(3)]
     for order in orders:
@@ -204,7 +205,7 @@ def test_epochs_are_seeded_permutations(data_dir):
 
 
 def _record(config, split, index):
-    return input_pipeline._source(config.data, split)[index]
+    return dataset.source(config.data, split)[index]
 
 
 def _decode(data):
@@ -304,7 +305,7 @@ def test_prepare_regenerates_a_stale_synthetic_set(tmp_path):
     prepare.prepare_dataset(config.data)
     config.data.synthetic.update({'num_validation': 2, 'height': 64})
     prepare.prepare_dataset(config.data)  # other settings than on disk: regenerated
-    builder = input_pipeline.dataset_builder(config.data)
+    builder = dataset.dataset_builder(config.data)
     assert builder.info.metadata['height'] == 64
     assert builder.info.splits['validation'].num_examples == 2
     (batch,) = list(input_pipeline.eval_iterator(config.data, 'validation', num_local_devices=2))
@@ -317,13 +318,13 @@ def test_concurrent_prepare_builds_once(tmp_path):
 import sys
 sys.path.insert(0, {str(REPO)!r})
 from configs import default
-from bokeh_jax import input_pipeline
+from bokeh_jax import dataset
 from tfds_ebb import prepare
 config = default.get_config('tiny')
 config.data.data_dir = {str(tmp_path)!r}
 config.data.synthetic.update({{'num_train': 2, 'num_validation': 1}})
 prepare.prepare_dataset(config.data)
-print('SPLITS', input_pipeline.dataset_builder(config.data).info.splits['train'].num_examples)
+print('SPLITS', dataset.dataset_builder(config.data).info.splits['train'].num_examples)
 '''
     runs = [subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]

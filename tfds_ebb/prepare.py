@@ -1,6 +1,6 @@
 """Building the data set that a bokeh_jax config names (`config.data`), unless it is on disk.
 
-bokeh_jax reads a prepared data set from its folder (bokeh_jax.input_pipeline.dataset_dir) and
+bokeh_jax reads a prepared data set from its folder (bokeh_jax.dataset.dataset_dir) and
 never imports the builders; the training loop and `launch.py --mode=eval` call
 `prepare_dataset_once` first. From the command line:
 
@@ -19,14 +19,14 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
-from bokeh_jax import input_pipeline
+from bokeh_jax import dataset
 from tfds_ebb.ebb import ebb_dataset_builder
 from tfds_ebb.synthetic_bokeh import synthetic_bokeh_dataset_builder  # registers the builder
 
 def builder_kwargs(data: ml_collections.ConfigDict) -> dict[str, Any]:
     """Builder arguments (besides config, data_dir, file_format) from `config.data`."""
     if data.name == 'synthetic_bokeh':
-        return input_pipeline.synthetic_settings(data)
+        return dataset.synthetic_settings(data)
     if data.name == 'ebb':
         return {'depth_dir': data.depth_dir, 'skip_bad': bool(data.skip_bad)}
     raise ValueError(f"config.data.name must be 'ebb' or 'synthetic_bokeh', got {data.name!r}")
@@ -35,7 +35,7 @@ def builder_kwargs(data: ml_collections.ConfigDict) -> dict[str, Any]:
 def dataset_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The TFDS builder that `config.data` describes (nothing is built)."""
     return tfds.builder(data.name, config=data.builder_config, data_dir=data.data_dir or None,
-                        file_format=input_pipeline.FILE_FORMAT, **builder_kwargs(data))
+                        file_format=dataset.FILE_FORMAT, **builder_kwargs(data))
 
 
 def prepare_dataset(data: ml_collections.ConfigDict) -> None:
@@ -66,7 +66,7 @@ def prepare_dataset(data: ml_collections.ConfigDict) -> None:
                     + ebb_dataset_builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
             download_config = tfds.download.DownloadConfig(manual_dir=data.manual_dir)
         logging.info('Building %s/%s into %s', data.name, data.builder_config, builder.data_dir)
-        builder.download_and_prepare(file_format=input_pipeline.FILE_FORMAT,
+        builder.download_and_prepare(file_format=dataset.FILE_FORMAT,
                                      download_config=download_config)
 
 
@@ -100,11 +100,11 @@ def _build_lock(data_path: epath.Path) -> Iterator[None]:
 
 def _check_prepared(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:
     formats = [str(getattr(f, 'value', f)) for f in builder.info.available_file_formats()]
-    if input_pipeline.FILE_FORMAT not in formats:
+    if dataset.FILE_FORMAT not in formats:
         raise ValueError(
             f'{builder.data_dir} holds {data.name} in {formats}, but the input pipeline '
-            f'reads {input_pipeline.FILE_FORMAT}: rebuild it with '
-            f'file_format={input_pipeline.FILE_FORMAT!r} or point config.data.data_dir elsewhere')
+            f'reads {dataset.FILE_FORMAT}: rebuild it with '
+            f'file_format={dataset.FILE_FORMAT!r} or point config.data.data_dir elsewhere')
 
 
 def _synthetic_differs(builder: tfds.core.DatasetBuilder) -> bool:
@@ -116,7 +116,7 @@ def _synthetic_differs(builder: tfds.core.DatasetBuilder) -> bool:
 def main(argv: Sequence[str]) -> None:
     del argv
     prepare_dataset(_CONFIG.value.data)
-    print(input_pipeline.dataset_dir(_CONFIG.value.data))
+    print(dataset.dataset_dir(_CONFIG.value.data))
 
 
 if __name__ == '__main__':
