@@ -116,9 +116,11 @@ def run_convert(config, workdir: str) -> None:
 
 def run_train(config, workdir: str) -> None:
     from bokeh_jax import train
+    from tfds_ebb import prepare
 
     try:
-        train.train_and_evaluate(config, workdir, config_source=_config_source())
+        train.train_and_evaluate(config, workdir, config_source=_config_source(),
+                                 prepare_data=prepare.prepare_dataset_once)
     except train.Interrupted as e:
         print(e)
         sys.exit(EXIT_INTERRUPTED)
@@ -126,20 +128,22 @@ def run_train(config, workdir: str) -> None:
 
 def run_eval(config, workdir: str) -> None:
     from bokeh_jax import evaluate
+    from tfds_ebb import prepare
 
+    prepare.prepare_dataset_once(config.data)
     evaluate.run(config, workdir)
 
 
 def run_render(config, workdir: str) -> None:
-    from bokeh_jax import render
+    from bokeh_jax import render_jobs
 
     if not (_INPUT.value and _OUTPUT.value):
         raise UserError('--mode=render needs --input=PHOTO_OR_FOLDER and --output=PATH')
     try:
-        render.render_paths(
+        render_jobs.render_paths(
             config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value
         )
-    except render.RenderError as e:
+    except render_jobs.RenderError as e:
         raise UserError(f'render failed: {e}') from None
 
 

@@ -21,6 +21,7 @@ from bokeh_jax.training import multihost
 from bokeh_jax.training import optimizer as optimizer_lib
 from bokeh_jax import model as model_lib
 from configs import default
+from tfds_ebb import prepare
 from helpers import ROOT, assert_trees_equal, launch, launch_command, launch_env
 
 
@@ -39,7 +40,7 @@ def tiny_config(data_dir: str, **overrides):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('tfds'))
-    input_pipeline.prepare_dataset(tiny_config(path))
+    prepare.prepare_dataset(tiny_config(path).data)
     return path
 
 
