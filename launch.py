@@ -16,7 +16,12 @@ Modes:
             (config.bench): prints tables, writes WORKDIR/bench.json
   render    full-resolution bokeh of a photo or a folder with WORKDIR's level-1 params:
             --input=PHOTO|FOLDER [--depth=MAP|FOLDER] --output=FILE|FOLDER [--overwrite]
-            (config.render; depth: any resolution, near = bright)
+            (config.render; depth: any resolution, near = bright). Without --depth, an RGB + depth
+            model gets MegaDepth's estimate (needs import_depth first)
+  import_depth  import the released MegaDepth weights (--megadepth_weights=best_generalization_net_G.pth,
+            read without PyTorch) to WORKDIR/depth/megadepth/
+  depth     depth maps in EBB!'s convention with WORKDIR's MegaDepth (config.depth):
+            --input=PHOTO|FOLDER --output=FILE.png|FOLDER [--overwrite]; existing maps are skipped
 """
 
 import os
@@ -45,7 +50,10 @@ _DEPTH = flags.DEFINE_string(
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'render: output image (format from its extension) or folder.'
 )
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'render: replace existing outputs.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'render, depth: replace existing outputs.')
+_MEGADEPTH_WEIGHTS = flags.DEFINE_string(
+    'megadepth_weights', None, 'import_depth: best_generalization_net_G.pth (PyTorch state dict).'
+)
 
 
 # Training stopped by SIGTERM/SIGINT after saving its state: re-run the same command to resume.
@@ -105,12 +113,57 @@ def run_render(config, workdir: str) -> None:
 
     if not (_INPUT.value and _OUTPUT.value):
         raise app.UsageError('--mode=render needs --input=PHOTO_OR_FOLDER and --output=PATH')
+    depth_fn = None
+    if not _DEPTH.value and _needs_depth(workdir):
+        from bokeh_jax import depth_maps
+
+        try:
+            depth_fn = depth_maps.load_estimator(config, workdir)
+        except depth_maps.DepthError as e:
+            sys.exit(f'render failed: this model takes RGB + depth and no --depth was given. {e}')
+        print(f'No --depth: estimating each photo\'s depth with {config.depth.model} '
+              f'({config.depth.working_size}) from {workdir}/depth/{config.depth.model}')
     try:
         render.render_paths(
-            config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value
+            config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value,
+            depth_fn=depth_fn,
         )
     except render.RenderError as e:
         sys.exit(f'render failed: {e}')
+
+
+def _needs_depth(workdir: str) -> bool:
+    """Whether WORKDIR's finest parameters take RGB + depth (False when there are none: render
+    then says so itself)."""
+    from bokeh_jax import checkpoint
+
+    levels = checkpoint.saved_levels(workdir)
+    return bool(levels) and checkpoint.read_meta(workdir, levels[0])['input_channels'] == 4
+
+
+def run_import_depth(config, workdir: str) -> None:
+    from bokeh_jax import depth_maps
+
+    if not _MEGADEPTH_WEIGHTS.value:
+        raise app.UsageError('--mode=import_depth needs --megadepth_weights=PATH (the released '
+                             'best_generalization_net_G.pth; see docs/depth.md)')
+    try:
+        path, count = depth_maps.import_weights(_MEGADEPTH_WEIGHTS.value, workdir)
+    except depth_maps.DepthError as e:
+        sys.exit(f'import_depth failed: {e}')
+    print(f'Imported {count:,} MegaDepth parameters to {path}')
+
+
+def run_depth(config, workdir: str) -> None:
+    from bokeh_jax import depth_maps
+
+    if not (_INPUT.value and _OUTPUT.value):
+        raise app.UsageError('--mode=depth needs --input=PHOTO_OR_FOLDER and --output=PATH')
+    try:
+        depth_maps.make_depth_maps(config, workdir, _INPUT.value, _OUTPUT.value,
+                                   overwrite=_OVERWRITE.value)
+    except depth_maps.DepthError as e:
+        sys.exit(f'depth failed: {e}')
 
 
 def run_bench(config, workdir: str) -> None:
@@ -126,6 +179,8 @@ MODES = {
     'convert': run_convert,
     'bench': run_bench,
     'render': run_render,
+    'import_depth': run_import_depth,
+    'depth': run_depth,
 }
 
 
