@@ -87,14 +87,18 @@ def to_map(log_depth: np.ndarray, photo_hw: tuple[int, int]) -> np.ndarray:
     return image_ops.normalize_depth(np.exp(-np.asarray(log_depth, np.float64)), photo_hw)
 
 
+@jax.jit
+def _log_depth(folded_params: dict, x: jax.Array) -> jax.Array:
+    """float32 [N, h, w, 3] -> [N, h, w]; one compilation per shape for the whole process."""
+    return megadepth.MegaDepth(folded=True).apply({'params': folded_params}, x)[..., 0]
+
+
 class Estimator:
     """MegaDepth with parameters on the device: photos -> depth maps (uint8, half size)."""
 
     def __init__(self, params: dict, size: tuple[int, int], batch_size: int = 1):
         self.size, self.batch_size = size, max(1, int(batch_size))
         self._params = jax.device_put(megadepth.fold_batch_norm(params))
-        net = megadepth.MegaDepth(folded=True)
-        self._forward = jax.jit(lambda p, x: net.apply({'params': p}, x)[..., 0])
 
     def log_depth(self, inputs: np.ndarray) -> np.ndarray:
         """float32 [N, h, w, 3] (one working size) -> [N, h, w]; padded to a whole batch so that
@@ -103,7 +107,7 @@ class Estimator:
         pad = -n % self.batch_size
         if pad:
             inputs = np.concatenate([inputs, np.zeros((pad, *inputs.shape[1:]), inputs.dtype)])
-        outs = [np.asarray(self._forward(self._params, jnp.asarray(inputs[i:i + self.batch_size])))
+        outs = [np.asarray(_log_depth(self._params, jnp.asarray(inputs[i:i + self.batch_size])))
                 for i in range(0, len(inputs), self.batch_size)]
         return np.concatenate(outs)[:n]
 

@@ -42,11 +42,15 @@ class _Call:
         return self.function, self.args
 
 
-class _Pickler(pickle._Pickler):  # the Python pickler: its save_global can be overridden
-    def save_global(self, obj, name=None):
-        module_name = getattr(obj, 'pickled_as', None)
+class _Pickler(pickle._Pickler):  # the Python pickler: its save can be overridden
+    def save(self, obj, save_persistent_id=True):
+        # Stand-ins are caught before the dispatch table (which dill, once imported, patches).
+        module_name = getattr(obj, 'pickled_as', None) if isinstance(obj, type) else None
         if module_name is None:
-            return super().save_global(obj, name)
+            return super().save(obj, save_persistent_id)
+        if id(obj) in self.memo:
+            self.write(self.get(self.memo[id(obj)][0]))
+            return
         self.write(pickle.GLOBAL + '{}\n{}\n'.format(*module_name).encode('utf-8'))
         self.memoize(obj)
 
