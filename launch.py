@@ -120,7 +120,7 @@ def run_render(config, workdir: str) -> None:
         try:
             depth_fn = depth_maps.load_estimator(config, workdir)
         except depth_maps.DepthError as e:
-            sys.exit(f'render failed: this model takes RGB + depth and no --depth was given. {e}')
+            sys.exit(f'render failed: {render.NEEDS_DEPTH} Or let MegaDepth estimate it: {e}')
         print(f'No --depth: estimating each photo\'s depth with {config.depth.model} '
               f'({config.depth.working_size}) from {workdir}/depth/{config.depth.model}')
     try:

@@ -169,7 +169,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Network input HxW (multiples of 16) for landscape photos; portrait photos use it turned
     # (512x384). 384x512 is the MegaDepth demo's, which made EBB!'s maps.
     config.depth.working_size = '384x512'
-    config.depth.batch_size = 4  # photos per forward pass in folder mode (one orientation each)
+    # Photos per forward pass in folder mode (photos of one orientation share a batch). 1 on CPU:
+    # XLA:CPU gains nothing from batches here (4 ran slower per photo); raise it on a GPU.
+    config.depth.batch_size = 1
 
     # `--mode=bench` (bokeh_jax/bench/harness.py): speed against the TF / PyTorch peers.
     config.bench = ml_collections.ConfigDict()
