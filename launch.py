@@ -24,7 +24,12 @@ Modes:
             (config.bench): prints tables, writes WORKDIR/bench.json
   render    full-resolution bokeh of a photo or a folder with WORKDIR's level-1 params:
             --input=PHOTO|FOLDER [--depth=MAP|FOLDER] --output=FILE|FOLDER [--overwrite]
-            (config.render; depth: any resolution, near = bright)
+            (config.render; depth: any resolution, near = bright). Without --depth, an RGB + depth
+            model gets MegaDepth's estimate (needs import_depth first)
+  import_depth  import the released MegaDepth weights (--megadepth_weights=best_generalization_net_G.pth,
+            read without PyTorch) to WORKDIR/depth/megadepth/
+  depth     depth maps in EBB!'s convention with WORKDIR's MegaDepth (config.depth):
+            --input=PHOTO|FOLDER --output=FILE.png|FOLDER [--overwrite]; existing maps are skipped
 """
 
 import os
@@ -61,7 +66,10 @@ _OUTPUT = flags.DEFINE_string(
     'output', None, 'render: output image (format from its extension) or folder.'
 )
 _OVERWRITE = flags.DEFINE_bool(
-    'overwrite', False, 'render, convert: replace existing outputs (never an input of the run).')
+    'overwrite', False, 'render, depth, convert: replace existing outputs (never an input of the run).')
+_MEGADEPTH_WEIGHTS = flags.DEFINE_string(
+    'megadepth_weights', None, 'import_depth: best_generalization_net_G.pth (PyTorch state dict).'
+)
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show the traceback of user errors too.')
 
 
@@ -135,16 +143,55 @@ def run_eval(config, workdir: str) -> None:
 
 
 def run_render(config, workdir: str) -> None:
-    from bokeh_jax import render_jobs
+    from bokeh_jax import render, render_jobs
 
     if not (_INPUT.value and _OUTPUT.value):
         raise UserError('--mode=render needs --input=PHOTO_OR_FOLDER and --output=PATH')
+    depth_fn = None
+    if not _DEPTH.value and _needs_depth(workdir):
+        from bokeh_jax import depth_maps
+
+        try:
+            depth_fn = depth_maps.load_estimator(config, workdir)
+        except depth_maps.DepthError as e:
+            raise UserError(f'render failed: {render.NEEDS_DEPTH} Or let MegaDepth estimate '
+                            f'it: {e}') from None
+        print(f'No --depth: estimating each photo\'s depth with {config.depth.model} '
+              f'({config.depth.working_size}) from {workdir}/depth/{config.depth.model}')
     try:
         render_jobs.render_paths(
-            config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value
-        )
+            config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value,
+            depth_fn=depth_fn)
     except render_jobs.RenderError as e:
         raise UserError(f'render failed: {e}') from None
+
+
+def _needs_depth(workdir: str) -> bool:
+    """Whether WORKDIR's finest parameters take RGB + depth (False when there are none: render
+    then says so itself)."""
+    from bokeh_jax import checkpoint
+
+    levels = checkpoint.saved_levels(workdir)
+    return bool(levels) and checkpoint.read_meta(workdir, levels[0])['input_channels'] == 4
+
+
+def run_import_depth(config, workdir: str) -> None:
+    from bokeh_jax import depth_maps
+
+    if not _MEGADEPTH_WEIGHTS.value:
+        raise UserError('--mode=import_depth needs --megadepth_weights=PATH (the released '
+                        'best_generalization_net_G.pth; see the README)')
+    path, count = depth_maps.import_weights(_MEGADEPTH_WEIGHTS.value, workdir)
+    print(f'Imported {count:,} MegaDepth parameters to {path}')
+
+
+def run_depth(config, workdir: str) -> None:
+    from bokeh_jax import depth_maps
+
+    if not (_INPUT.value and _OUTPUT.value):
+        raise UserError('--mode=depth needs --input=PHOTO_OR_FOLDER and --output=PATH')
+    depth_maps.make_depth_maps(config, workdir, _INPUT.value, _OUTPUT.value,
+                               overwrite=_OVERWRITE.value)
 
 
 def run_bench(config, workdir: str) -> None:
@@ -160,6 +207,8 @@ MODES = {
     'convert': run_convert,
     'bench': run_bench,
     'render': run_render,
+    'import_depth': run_import_depth,
+    'depth': run_depth,
 }
 
 

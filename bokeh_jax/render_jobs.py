@@ -10,6 +10,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -60,6 +61,7 @@ def plan_jobs(
     *,
     input_channels: int,
     overwrite: bool = False,
+    estimates_depth: bool = False,
 ) -> list[Job]:
     """Checks the paths of a render run and pairs every photo with its depth map and output.
 
@@ -70,9 +72,10 @@ def plan_jobs(
     existing folder, and `depth_path` a file, or a folder to look <stem>.png up in. Raises
     RenderError, before anything is rendered, for: a missing input; depth given to an RGB-only
     model or missing for an RGB + depth model; an unknown output extension; an output that exists
-    (unless `overwrite`) or that is the input itself.
+    (unless `overwrite`) or that is the input itself. `estimates_depth`: maps missing for an
+    RGB + depth model come from a depth estimator (`render_paths`'s depth_fn).
     """
-    if input_channels == 4 and not depth_path:
+    if input_channels == 4 and not depth_path and not estimates_depth:
         raise RenderError(render.NEEDS_DEPTH)
     if input_channels == 3 and depth_path:
         raise RenderError(
@@ -143,7 +146,8 @@ def plan_jobs(
 
 
 def _render_job(
-    params: Any, meta: dict, job: Job, config: ml_collections.ConfigDict
+    params: Any, meta: dict, job: Job, config: ml_collections.ConfigDict,
+    depth_fn: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Renders and writes one job; returns (photo, seconds spent rendering).
 
@@ -166,6 +170,8 @@ def _render_job(
             render.check_depth_aspect(depth.shape, photo.shape[:2])
         except ValueError as e:
             raise RenderError(f'{job.depth} (depth of {job.photo}): {e}') from None
+    elif depth_fn is not None and meta['input_channels'] == 4:
+        depth = depth_fn(photo)  # bokeh_jax/depth_maps.py
     start = time.perf_counter()
     try:
         x, out_hw = render.model_input(
@@ -199,8 +205,12 @@ def render_paths(
     output_path: str,
     *,
     overwrite: bool = False,
+    depth_fn: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> None:
     """`--mode=render`: renders a photo or a folder with the finest parameters in `workdir`.
+
+    `depth_fn`: photo uint8 [H, W, 3] -> depth map, for an RGB + depth model run without
+    `depth_path` (e.g. `depth_maps.load_estimator`).
 
     Prints the time per photo (a folder also gets a progress bar). Raises RenderError before
     rendering for bad arguments (`plan_jobs`), and after rendering everything else when some photos
@@ -227,6 +237,7 @@ def render_paths(
         output_path,
         input_channels=meta['input_channels'],
         overwrite=overwrite,
+        estimates_depth=depth_fn is not None,
     )
     for directory in {os.path.dirname(os.path.abspath(job.output)) for job in jobs}:
         os.makedirs(directory, exist_ok=True)
@@ -234,7 +245,7 @@ def render_paths(
     failures, compiled = [], set()
     for job in tqdm.tqdm(jobs, desc='render', unit='photo', disable=len(jobs) == 1):
         try:
-            photo, seconds = _render_job(params, meta, job, config)
+            photo, seconds = _render_job(params, meta, job, config, depth_fn)
         except RenderError as e:
             failures.append(str(e))
             tqdm.tqdm.write(f'FAILED {e}', file=sys.stderr)

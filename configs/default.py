@@ -162,6 +162,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.render.depth_far_is_bright = False
     config.render.jpeg_quality = 95  # for .jpg/.jpeg outputs
 
+    # Depth for photos without a map (`--mode=depth`, `--mode=render` without --depth;
+    # bokeh_jax/depth_maps.py), with weights imported by `--mode=import_depth`.
+    config.depth = ml_collections.ConfigDict()
+    config.depth.model = 'megadepth'  # the network EBB!'s maps came from (the only one so far)
+    # Network input HxW (multiples of 16) for landscape photos; portrait photos use it turned
+    # (512x384). 384x512 is the MegaDepth demo's, which made EBB!'s maps.
+    config.depth.working_size = '384x512'
+    # Photos per forward pass in folder mode (photos of one orientation share a batch). 1 on CPU:
+    # XLA:CPU gains nothing from batches here (4 ran slower per photo); raise it on a GPU.
+    config.depth.batch_size = 1
+
     # `--mode=bench` (bokeh_jax/bench/harness.py): speed against the TF / PyTorch peers.
     config.bench = ml_collections.ConfigDict()
     config.bench.forward_size = '512x768'  # model input HxW of the forward pass (output is 2x)
