@@ -17,6 +17,8 @@ Modes:
   render    full-resolution bokeh of a photo or a folder with WORKDIR's level-1 params:
             --input=PHOTO|FOLDER [--depth=MAP|FOLDER] --output=FILE|FOLDER [--overwrite]
             (config.render; depth: any resolution, near = bright)
+  serve     a local web page (127.0.0.1, --port=N, 0 = any free port; config.serve): upload a photo
+            and its depth map, compare PyNET and the classical render with it, download them
 """
 
 import os
@@ -46,6 +48,7 @@ _OUTPUT = flags.DEFINE_string(
     'output', None, 'render: output image (format from its extension) or folder.'
 )
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'render: replace existing outputs.')
+_PORT = flags.DEFINE_integer('port', None, 'serve: port (0 = any free one); default config.serve.port.')
 
 
 # Training stopped by SIGTERM/SIGINT after saving its state: re-run the same command to resume.
@@ -119,6 +122,15 @@ def run_bench(config, workdir: str) -> None:
     harness.run(config, workdir)
 
 
+def run_serve(config, workdir: str) -> None:
+    from bokeh_jax import serve
+
+    try:
+        serve.serve(config, workdir, _PORT.value, serve.depth_estimator(config, workdir))
+    except serve.UserError as e:
+        sys.exit(f'serve failed: {e}')
+
+
 MODES = {
     'eval': run_eval,
     'train': run_train,
@@ -126,6 +138,7 @@ MODES = {
     'convert': run_convert,
     'bench': run_bench,
     'render': run_render,
+    'serve': run_serve,
 }
 
 
