@@ -404,3 +404,17 @@ def test_http_errors_are_json_messages(files):
         server.shutdown()
         server.server_close()
         app.close()
+
+
+def test_render_reports_progress_per_tile():
+    """render_model_input's progress callback, which drives the page's progress bar: once after
+    the global pass, then once per tile of levels 3-1."""
+    params = make_params(3)
+    photo = np.random.default_rng(0).integers(0, 256, (1024, 64, 3), np.uint8)
+    x, out_hw = render.model_input(photo, None, input_channels=3)
+    calls = []
+    # A 512 x 32 model input: level 3's grid is 256 rows; crops of at most 200 make 3 tiles.
+    tiled = render.render_model_input(params, x, out_hw, channels=CHANNELS, max_tile=400,
+                                      progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert tiled.shape == (1024, 64, 3)
