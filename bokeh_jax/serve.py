@@ -404,6 +404,10 @@ class App:
     def _run_model(self, item: Session) -> None:
         """Model worker: the depth estimate when needed, then the PyNET render."""
         result = item.pynet
+        with self.lock:
+            if item.id not in self.sessions:  # dropped for newer uploads while it waited
+                result.state, result.message = 'error', 'dropped for newer uploads'
+                return
         self._set(result, state='running', started=time.monotonic(), stage='starting')
         try:
             if item.depth_source == 'estimating':

@@ -156,6 +156,17 @@ def upload(page, photo, depth=None):
     page.click('#render')
 
 
+def drop(page, *paths):
+    """Drops files on the page's drop zone, as a drag from the desktop does."""
+    payload = [{'name': os.path.basename(p), 'bytes': list(open(p, 'rb').read())} for p in paths]
+    transfer = page.evaluate_handle('''files => {
+        const transfer = new DataTransfer();
+        for (const f of files) transfer.items.add(new File([new Uint8Array(f.bytes)], f.name));
+        return transfer;
+    }''', payload)
+    page.dispatch_event('#dropzone', 'drop', {'dataTransfer': transfer})
+
+
 def wait_for_image(page, what: str, version: int = 1):
     try:
         page.wait_for_selector(f'#{what}-img[data-version="{version}"]', timeout=TIMEOUT_MS)
@@ -259,10 +270,11 @@ def test_bad_uploads_show_a_message_and_the_server_keeps_serving(page, files):
         text = page.text_content('#error')
         assert message in text, text
         assert 'Traceback' not in text and 'File "' not in text
-    # Still serving: a good upload renders.
-    upload(page, files['coffee'], files['depth'])
+    # Still serving: a good upload renders, this time dropped on the page as two files.
+    drop(page, files['coffee'], files['depth'])
     wait_for_image(page, 'pynet')
     assert page.is_hidden('#error')
+    assert page.text_content('#depth-source') == '(uploaded)'
 
 
 @needs_browser
