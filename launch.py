@@ -30,6 +30,8 @@ Modes:
             read without PyTorch) to WORKDIR/depth/megadepth/
   depth     depth maps in EBB!'s convention with WORKDIR's MegaDepth (config.depth):
             --input=PHOTO|FOLDER --output=FILE.png|FOLDER [--overwrite]; existing maps are skipped
+  serve     a local web page (127.0.0.1, --port=N, 0 = any free port; config.serve): upload a photo
+            and its depth map, compare PyNET and the classical render with it, download them
 """
 
 import os
@@ -66,11 +68,12 @@ _OUTPUT = flags.DEFINE_string(
     'output', None, 'render: output image (format from its extension) or folder.'
 )
 _OVERWRITE = flags.DEFINE_bool(
-    'overwrite', False, 'render, depth, convert: replace existing outputs (never an input of the run).')
+    'overwrite', False, 'render, depth, convert: replace existing outputs (never an input).')
 _MEGADEPTH_WEIGHTS = flags.DEFINE_string(
     'megadepth_weights', None, 'import_depth: best_generalization_net_G.pth (PyTorch state dict).'
 )
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show the traceback of user errors too.')
+_PORT = flags.DEFINE_integer('port', None, 'serve: port (0 = any free one); default config.serve.port.')
 
 
 # Training stopped by SIGTERM/SIGINT after saving its state: re-run the same command to resume.
@@ -200,6 +203,12 @@ def run_bench(config, workdir: str) -> None:
     harness.run(config, workdir)
 
 
+def run_serve(config, workdir: str) -> None:
+    from bokeh_jax import serve
+
+    serve.serve(config, workdir, _PORT.value, serve.depth_estimator(config, workdir))
+
+
 MODES = {
     'eval': run_eval,
     'train': run_train,
@@ -209,6 +218,7 @@ MODES = {
     'render': run_render,
     'import_depth': run_import_depth,
     'depth': run_depth,
+    'serve': run_serve,
 }
 
 

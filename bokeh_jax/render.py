@@ -248,6 +248,7 @@ def render_model_input(
     max_tile: int,
     dtype: str = 'float32',
     conv_impl: str = 'xla',
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Level-1 output for a padded model input, cropped to out_hw: float32 [*out_hw, 3] in [0, 1].
 
@@ -256,12 +257,16 @@ def render_model_input(
       max_tile: 0 runs levels 1-3 in one pass; otherwise the largest side, in model-input pixels
         and halo included, of the crops they run on (memory of the fine levels ~ max_tile**2).
       dtype, conv_impl: the model's computation dtype and convolutions (PyNET's attributes).
+      progress: called as progress(done, total) after the global pass and after each tile
+        (total = 1 + tiles; untiled: once, (1, 1)), e.g. for a progress bar of a long render.
     """
     _check_max_tile(max_tile)
     whole, coarse, fine_tile = _functions(channels, str(jnp.dtype(dtype)), conv_impl)
     params = jax.device_put(params)  # no copy when already on the device
     if max_tile == 0:
         out = np.asarray(whole(params, x[None]))[0, : out_hw[0], : out_hw[1]]
+        if progress:
+            progress(1, 1)
         return np.clip(out, 0.0, 1.0)
 
     e1, u4a, u4b = coarse(params, x[None])
@@ -272,6 +277,10 @@ def render_model_input(
     logging.debug('level 3 grid %dx%d: %d x %d tiles of %dx%d', *grid, len(rows), len(cols), *crop)
     out = np.empty((FINE_SCALE * needed[0], FINE_SCALE * needed[1], 3), np.float32)
     s = FINE_SCALE
+    done, total = 1, 1 + len(rows) * len(cols)
+    if progress:
+        jax.block_until_ready((e1, u4a, u4b))  # report the global pass when it has run
+        progress(1, total)
     for r0, r1, rc in rows:
         for c0, c1, cc in cols:
             tile = fine_tile(params, e1, u4a, u4b, jnp.array([rc, cc], jnp.int32), size=crop)
@@ -279,6 +288,9 @@ def render_model_input(
             out[s * r0 : s * r1, s * c0 : s * c1] = tile[
                 s * (r0 - rc) : s * (r1 - rc), s * (c0 - cc) : s * (c1 - cc)
             ]
+            done += 1
+            if progress:
+                progress(done, total)
     return np.clip(out[: out_hw[0], : out_hw[1]], 0.0, 1.0)
 
 
@@ -293,6 +305,7 @@ def render_full_resolution(
     depth_far_is_bright: bool = False,
     dtype: str = 'float32',
     conv_impl: str = 'xla',
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Renders the bokeh version of a whole photo with level-1 PyNET parameters.
 
@@ -306,6 +319,7 @@ def render_full_resolution(
       pad_mode, depth_far_is_bright: see `model_input`.
       dtype: computation dtype.
       conv_impl: what runs the convolutions, 'xla' or 'onednn' (PyNET.conv_impl).
+      progress: see `render_model_input`.
 
     Returns:
       float32 [H, W, 3] in [0, 1] (with pad_mode 'crop': [2Hp, 2Wp, 3], see `model_input`).
@@ -322,4 +336,4 @@ def render_full_resolution(
         depth_far_is_bright=depth_far_is_bright,
     )
     return render_model_input(params, x, out_hw, channels=channels, max_tile=max_tile, dtype=dtype,
-                              conv_impl=conv_impl)
+                              conv_impl=conv_impl, progress=progress)

@@ -173,6 +173,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # XLA:CPU gains nothing from batches here (4 ran slower per photo); raise it on a GPU.
     config.depth.batch_size = 1
 
+    # `--mode=serve` (bokeh_jax/serve.py): a local web page; tiles, pad mode and JPEG quality are
+    # config.render's.
+    config.serve = ml_collections.ConfigDict()
+    config.serve.host = '127.0.0.1'  # this machine only; '0.0.0.0' would open it to the network
+    config.serve.port = 8000  # --port overrides; 0 = any free port (the URL is printed)
+    config.serve.max_pixels = 25_000_000  # largest photo (and depth map) accepted
+    config.serve.max_upload_mb = 100.0  # largest upload, photo and depth map together (MiB)
+    config.serve.preview_side = 1280  # longest side of the images on the page; downloads are full
+    # Uploads kept in memory (the oldest is dropped first); each takes ~10 bytes per pixel.
+    config.serve.max_sessions = 8
+
     # `--mode=bench` (bokeh_jax/bench/harness.py): speed against the TF / PyTorch peers.
     config.bench = ml_collections.ConfigDict()
     config.bench.forward_size = '512x768'  # model input HxW of the forward pass (output is 2x)
