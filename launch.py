@@ -17,6 +17,9 @@ Modes:
   render    full-resolution bokeh of a photo or a folder with WORKDIR's level-1 params:
             --input=PHOTO|FOLDER [--depth=MAP|FOLDER] --output=FILE|FOLDER [--overwrite]
             (config.render; depth: any resolution, near = bright)
+  export    WORKDIR's level-1 params for phones and servers: --output=FOLDER [--formats=tflite,
+            tflite_fp16,saved_model,jax_export] [--export_size=512x768] [--overwrite]
+            (bokeh_jax/export.py, docs/export.md)
 """
 
 import os
@@ -45,7 +48,14 @@ _DEPTH = flags.DEFINE_string(
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'render: output image (format from its extension) or folder.'
 )
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'render: replace existing outputs.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'render, export: replace existing outputs.')
+_FORMATS = flags.DEFINE_string(
+    'formats', 'tflite,tflite_fp16,saved_model,jax_export',
+    'export: comma-separated formats (tflite, tflite_fp16, tflite_int8, saved_model, jax_export).'
+)
+_EXPORT_SIZE = flags.DEFINE_string(
+    'export_size', '512x768', 'export: fixed model input HxW of the TFLite files (half the photo).'
+)
 
 
 # Training stopped by SIGTERM/SIGINT after saving its state: re-run the same command to resume.
@@ -113,6 +123,27 @@ def run_render(config, workdir: str) -> None:
         sys.exit(f'render failed: {e}')
 
 
+def run_export(config, workdir: str) -> None:
+    from bokeh_jax import checkpoint, export
+
+    if not _OUTPUT.value:
+        raise app.UsageError('--mode=export needs --output=FOLDER')
+    try:
+        formats = export.parse_formats(_FORMATS.value)
+        size = export.check_size(_parse_size(_EXPORT_SIZE.value, 'export_size'))
+        if os.path.exists(_OUTPUT.value) and not _OVERWRITE.value:
+            raise export.ExportError(
+                f'--output {_OUTPUT.value!r} already exists; pass --overwrite to replace it')
+        params, meta = checkpoint.load_params(workdir, 1)
+        manifest = export.export(params, meta, _OUTPUT.value, formats=formats, size=size,
+                                 overwrite=_OVERWRITE.value)
+    except (export.ExportError, FileNotFoundError) as e:
+        sys.exit(f'export failed: {e}')
+    for name, entry in manifest['formats'].items():
+        print(f'{name:12s} {entry["path"]:30s} {entry["bytes"] / 2**20:8.1f} MiB '
+              f'{entry["psnr_vs_jax_db"]:7.1f} dB vs JAX')
+
+
 def run_bench(config, workdir: str) -> None:
     from bokeh_jax.bench import harness
 
@@ -126,6 +157,7 @@ MODES = {
     'convert': run_convert,
     'bench': run_bench,
     'render': run_render,
+    'export': run_export,
 }
 
 
