@@ -131,13 +131,10 @@ def run_export(config, workdir: str) -> None:
     try:
         formats = export.parse_formats(_FORMATS.value)
         size = export.check_size(_parse_size(_EXPORT_SIZE.value, 'export_size'))
-        if os.path.exists(_OUTPUT.value) and not _OVERWRITE.value:
-            raise export.ExportError(
-                f'--output {_OUTPUT.value!r} already exists; pass --overwrite to replace it')
         params, meta = checkpoint.load_params(workdir, 1)
         manifest = export.export(params, meta, _OUTPUT.value, formats=formats, size=size,
                                  overwrite=_OVERWRITE.value)
-    except (export.ExportError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ExportError, or params that do not load
         sys.exit(f'export failed: {e}')
     for name, entry in manifest['formats'].items():
         print(f'{name:12s} {entry["path"]:30s} {entry["bytes"] / 2**20:8.1f} MiB '

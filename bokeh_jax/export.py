@@ -101,8 +101,8 @@ def level1_forward(channels: int) -> Callable[[Any, jax.Array], jax.Array]:
 
 
 def _half_taps() -> np.ndarray:
-    """The 8 weights of image_ops.resize's x0.5 antialiased Keys cubic, first tap 3 pixels before
-    output i's first input pixel 2i (taps at distances (-3.5 .. 3.5) / 2 from its centre)."""
+    """The 8 weights of image_ops.resize's x0.5 antialiased Keys cubic: output i (centre 2i + 0.5
+    in input pixels) reads inputs 2i - 3 .. 2i + 4, at (-3.5 .. 3.5) / 2 kernel units."""
     distances = (np.arange(8) - 3.5) / 2
     w = image_ops.keys_cubic(distances)
     return (w / w.sum()).astype(np.float32)

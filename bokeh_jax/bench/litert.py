@@ -30,6 +30,7 @@ _JAX_IMPLS = flags.DEFINE_list('jax_impls', ['xla', 'onednn'], 'conv_impl values
 _THREADS = flags.DEFINE_integer('threads', 2, 'LiteRT interpreter threads (XNNPACK).')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls of each (after one warm-up).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Export folder (replaced); a temporary one if unset.')
+_REUSE = flags.DEFINE_bool('reuse', False, 'Time the files already in --output (its export.json).')
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 
 
@@ -44,8 +45,12 @@ def main(argv) -> None:
                                        scheme='he')
     output = _OUTPUT.value or os.path.join(tempfile.mkdtemp(), 'export')
     start = datetime.datetime.now()
-    manifest = export.export(params, meta, output, formats=_FORMATS.value, size=(h, w),
-                             overwrite=True)
+    if _REUSE.value and _OUTPUT.value:
+        with open(os.path.join(output, export.MANIFEST)) as f:
+            manifest = json.load(f)
+    else:
+        manifest = export.export(params, meta, output, formats=_FORMATS.value, size=(h, w),
+                                 overwrite=True)
     export_s = (datetime.datetime.now() - start).total_seconds()
     x = export.check_input(int(meta['input_channels']), (h, w))
 
