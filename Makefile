@@ -13,7 +13,6 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=2 TF_CPP_MIN_LOG_LE
 ONEDNN_PACKAGES := onednn~=2026.1.0 onednn-devel~=2026.1.0
 WORKDIR ?= workdir/demo
 
-.PHONY: install onednn browser demo test bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,13 +46,19 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	touch $@
 
 browser: $(CHROMIUM) $(VENV)/.installed-test
+# `--mode=export`'s LiteRT interpreter (requirements-export.txt); the converters come with jax/TF.
+$(VENV)/.export-extras: $(VENV)/.installed requirements-export.txt
+	$(PY) -m pip install --quiet -r requirements-export.txt
+	touch $@
+
+export-extras: $(VENV)/.export-extras
 
 # The demo's convolutions run on oneDNN where it installs (Linux x86-64), else on XLA.
 demo: install
 	-$(MAKE) --no-print-directory onednn
 	$(PY) launch.py --workdir=$(WORKDIR)
 
-test: install onednn browser
+test: install onednn browser export-extras
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -rs --durations=15 tests
 
 bench: install

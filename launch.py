@@ -32,6 +32,9 @@ Modes:
             --input=PHOTO|FOLDER --output=FILE.png|FOLDER [--overwrite]; existing maps are skipped
   serve     a local web page (127.0.0.1, --port=N, 0 = any free port; config.serve): upload a photo
             and its depth map, compare PyNET and the classical render with it, download them
+  export    WORKDIR's level-1 params for phones and servers: --output=FOLDER [--formats=tflite,
+            tflite_fp16,saved_model,jax_export] [--export_size=512x768] [--overwrite]
+            (bokeh_jax/export.py, docs/export.md)
 """
 
 import os
@@ -68,12 +71,19 @@ _OUTPUT = flags.DEFINE_string(
     'output', None, 'render: output image (format from its extension) or folder.'
 )
 _OVERWRITE = flags.DEFINE_bool(
-    'overwrite', False, 'render, depth, convert: replace existing outputs (never an input).')
+    'overwrite', False, 'render, depth, convert, export: replace existing outputs (never an input).')
 _MEGADEPTH_WEIGHTS = flags.DEFINE_string(
     'megadepth_weights', None, 'import_depth: best_generalization_net_G.pth (PyTorch state dict).'
 )
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show the traceback of user errors too.')
 _PORT = flags.DEFINE_integer('port', None, 'serve: port (0 = any free one); default config.serve.port.')
+_FORMATS = flags.DEFINE_string(
+    'formats', 'tflite,tflite_fp16,saved_model,jax_export',
+    'export: comma-separated formats (tflite, tflite_fp16, tflite_int8, saved_model, jax_export).'
+)
+_EXPORT_SIZE = flags.DEFINE_string(
+    'export_size', '512x768', 'export: fixed model input HxW of the TFLite files (half the photo).'
+)
 
 
 # Training stopped by SIGTERM/SIGINT after saving its state: re-run the same command to resume.
@@ -197,6 +207,24 @@ def run_depth(config, workdir: str) -> None:
                                overwrite=_OVERWRITE.value)
 
 
+def run_export(config, workdir: str) -> None:
+    from bokeh_jax import checkpoint, export
+
+    if not _OUTPUT.value:
+        raise UserError('--mode=export needs --output=FOLDER')
+    try:
+        formats = export.parse_formats(_FORMATS.value)
+        size = export.check_size(_parse_size(_EXPORT_SIZE.value, 'export_size'))
+        params, meta = checkpoint.load_params(workdir, 1)
+        manifest = export.export(params, meta, _OUTPUT.value, formats=formats, size=size,
+                                 overwrite=_OVERWRITE.value)
+    except (ValueError, FileNotFoundError) as e:  # ExportError, or params that do not load
+        raise UserError(f'export failed: {e}') from None
+    for name, entry in manifest['formats'].items():
+        print(f'{name:12s} {entry["path"]:30s} {entry["bytes"] / 2**20:8.1f} MiB '
+              f'{entry["psnr_vs_jax_db"]:7.1f} dB vs JAX')
+
+
 def run_bench(config, workdir: str) -> None:
     from bokeh_jax.bench import harness
 
@@ -219,6 +247,7 @@ MODES = {
     'import_depth': run_import_depth,
     'depth': run_depth,
     'serve': run_serve,
+    'export': run_export,
 }
 
 
