@@ -299,7 +299,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise UserError(f'unexpected arguments: {argv[1:]}')
     if _MODE.value not in MODES:
-        raise UserError(f'unknown --mode={_MODE.value!r}; expected one of {sorted(MODES)}')
+        raise UserError(f'Unknown --mode={_MODE.value!r}; expected one of {sorted(MODES)}')
     config = resolve_config(_MODE.value, _WORKDIR.value)
     logging.info('Config: %s', _SOURCE[0])
     MODES[_MODE.value](config, _WORKDIR.value)
