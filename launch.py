@@ -234,7 +234,10 @@ def run_bench(config, workdir: str) -> None:
 def run_serve(config, workdir: str) -> None:
     from bokeh_jax import serve
 
-    serve.serve(config, workdir, _PORT.value, serve.depth_estimator(config, workdir))
+    try:
+        serve.serve(config, workdir, _PORT.value, serve.depth_estimator(config, workdir))
+    except UserError as e:
+        raise UserError(f'serve failed: {e}') from None
 
 
 MODES = {

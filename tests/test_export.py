@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from bokeh_jax import checkpoint, export, image_ops, render
+from bokeh_jax import checkpoint, export, image_io, image_ops
 from bokeh_jax import model as model_lib
 from tests import helpers
 
@@ -32,7 +32,7 @@ def _workdir(root, input_channels: int) -> str:
 
 def _photo_and_depth() -> tuple[np.ndarray, np.ndarray]:
     """A real photo at 128 x 192 (uint8) and a depth map at half size (near = bright, 0..255)."""
-    photo = np.round(np.clip(image_ops.resize(render.read_photo(PHOTO), (128, 192)), 0, 255))
+    photo = np.round(np.clip(image_ops.resize(image_io.read_photo(PHOTO), (128, 192)), 0, 255))
     ramp = np.linspace(255, 0, 64)[:, None] * np.ones((1, 96))
     return photo.astype(np.uint8), np.round(ramp).astype(np.uint8)
 

@@ -24,7 +24,7 @@ import pytest
 from PIL import ExifTags, Image
 
 import helpers
-from bokeh_jax import checkpoint, render, serve
+from bokeh_jax import checkpoint, image_io, render, serve
 from bokeh_jax import model as model_lib
 from configs import default
 
@@ -239,7 +239,7 @@ def test_page_renders_focuses_compares_and_downloads(page, files):
     assert page.is_visible('#compare-after')
 
     # Full-resolution downloads: upright size, EXIF kept (orientation reset), not the photo.
-    photo = render.read_photo(files['cat']).astype(np.int16)
+    photo = image_io.read_photo(files['cat']).astype(np.int16)
     result = download(page, '#download-pynet')
     assert result.format == 'PNG' and result.size == SIZE
     assert result.suggested == 'cat_pynet.png'
@@ -288,15 +288,15 @@ def test_two_users_at_once_get_their_own_results(browser, server, files, workdir
         page.wait_for_function("document.getElementById('model-info').textContent.length > 40")
         upload(page, photo, files['depth'])  # both queued before either finishes
     params, _ = checkpoint.load_params(workdir)
-    depth = render.read_depth(files['depth'])
+    depth = image_io.read_depth(files['depth'])
     for page, photo in zip(pages, (files['cat'], files['coffee'])):
         wait_for_image(page, 'pynet')
         got = np.asarray(download(page, '#download-pynet'), np.float32)
-        expected = render.render_full_resolution(params, render.read_photo(photo), depth,
+        expected = render.render_full_resolution(params, image_io.read_photo(photo), depth,
                                                  max_tile=default.get_config('tiny').render.max_tile)
         # The same renderer on the same photo, rounded to 8 bits.
         assert np.abs(got - np.round(expected * 255)).max() <= 1
-        assert np.abs(got - render.read_photo(photo)).mean() > 5
+        assert np.abs(got - image_io.read_photo(photo)).mean() > 5
     ids = [page.evaluate('session') for page in pages]
     assert ids[0] != ids[1]
     for page in pages:
