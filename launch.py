@@ -26,7 +26,17 @@ Modes:
             one train step per level (--estimate_step_budget), writes WORKDIR/estimate.json
   render    full-resolution bokeh of a photo or a folder with WORKDIR's level-1 params:
             --input=PHOTO|FOLDER [--depth=MAP|FOLDER] --output=FILE|FOLDER [--overwrite]
-            (config.render; depth: any resolution, near = bright)
+            (config.render; depth: any resolution, near = bright). Without --depth, an RGB + depth
+            model gets MegaDepth's estimate (needs import_depth first)
+  import_depth  import the released MegaDepth weights (--megadepth_weights=best_generalization_net_G.pth,
+            read without PyTorch) to WORKDIR/depth/megadepth/
+  depth     depth maps in EBB!'s convention with WORKDIR's MegaDepth (config.depth):
+            --input=PHOTO|FOLDER --output=FILE.png|FOLDER [--overwrite]; existing maps are skipped
+  serve     a local web page (127.0.0.1, --port=N, 0 = any free port; config.serve): upload a photo
+            and its depth map, compare PyNET and the classical render with it, download them
+  export    WORKDIR's level-1 params for phones and servers: --output=FOLDER [--formats=tflite,
+            tflite_fp16,saved_model,jax_export] [--export_size=512x768] [--overwrite]
+            (bokeh_jax/export.py, docs/export.md)
 """
 
 import os
@@ -63,11 +73,22 @@ _OUTPUT = flags.DEFINE_string(
     'output', None, 'render: output image (format from its extension) or folder.'
 )
 _OVERWRITE = flags.DEFINE_bool(
-    'overwrite', False, 'render, convert: replace existing outputs (never an input of the run).')
+    'overwrite', False, 'render, depth, convert, export: replace existing outputs (never an input).')
+_MEGADEPTH_WEIGHTS = flags.DEFINE_string(
+    'megadepth_weights', None, 'import_depth: best_generalization_net_G.pth (PyTorch state dict).'
+)
 _ESTIMATE_STEP_BUDGET = flags.DEFINE_float(
     'estimate_step_budget', 30.0, 'estimate: a step predicted slower than this many seconds is '
     'timed at one image per device and scaled to the batch.')
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show the traceback of user errors too.')
+_PORT = flags.DEFINE_integer('port', None, 'serve: port (0 = any free one); default config.serve.port.')
+_FORMATS = flags.DEFINE_string(
+    'formats', 'tflite,tflite_fp16,saved_model,jax_export',
+    'export: comma-separated formats (tflite, tflite_fp16, tflite_int8, saved_model, jax_export).'
+)
+_EXPORT_SIZE = flags.DEFINE_string(
+    'export_size', '512x768', 'export: fixed model input HxW of the TFLite files (half the photo).'
+)
 
 
 # Training stopped by SIGTERM/SIGINT after saving its state: re-run the same command to resume.
@@ -121,9 +142,11 @@ def run_convert(config, workdir: str) -> None:
 
 def run_train(config, workdir: str) -> None:
     from bokeh_jax import train
+    from tfds_ebb import prepare
 
     try:
-        train.train_and_evaluate(config, workdir, config_source=_config_source())
+        train.train_and_evaluate(config, workdir, config_source=_config_source(),
+                                 prepare_data=prepare.prepare_dataset_once)
     except train.Interrupted as e:
         print(e)
         sys.exit(EXIT_INTERRUPTED)
@@ -131,27 +154,95 @@ def run_train(config, workdir: str) -> None:
 
 def run_eval(config, workdir: str) -> None:
     from bokeh_jax import evaluate
+    from tfds_ebb import prepare
 
+    prepare.prepare_dataset_once(config.data)
     evaluate.run(config, workdir)
 
 
 def run_render(config, workdir: str) -> None:
-    from bokeh_jax import render
+    from bokeh_jax import render, render_jobs
 
     if not (_INPUT.value and _OUTPUT.value):
         raise UserError('--mode=render needs --input=PHOTO_OR_FOLDER and --output=PATH')
+    depth_fn = None
+    if not _DEPTH.value and _needs_depth(workdir):
+        from bokeh_jax import depth_maps
+
+        try:
+            depth_fn = depth_maps.load_estimator(config, workdir)
+        except depth_maps.DepthError as e:
+            raise UserError(f'render failed: {render.NEEDS_DEPTH} Or let MegaDepth estimate '
+                            f'it: {e}') from None
+        print(f'No --depth: estimating each photo\'s depth with {config.depth.model} '
+              f'({config.depth.working_size}) from {workdir}/depth/{config.depth.model}')
     try:
-        render.render_paths(
-            config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value
-        )
-    except render.RenderError as e:
+        render_jobs.render_paths(
+            config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value,
+            depth_fn=depth_fn)
+    except render_jobs.RenderError as e:
         raise UserError(f'render failed: {e}') from None
+
+
+def _needs_depth(workdir: str) -> bool:
+    """Whether WORKDIR's finest parameters take RGB + depth (False when there are none: render
+    then says so itself)."""
+    from bokeh_jax import checkpoint
+
+    levels = checkpoint.saved_levels(workdir)
+    return bool(levels) and checkpoint.read_meta(workdir, levels[0])['input_channels'] == 4
+
+
+def run_import_depth(config, workdir: str) -> None:
+    from bokeh_jax import depth_maps
+
+    if not _MEGADEPTH_WEIGHTS.value:
+        raise UserError('--mode=import_depth needs --megadepth_weights=PATH (the released '
+                        'best_generalization_net_G.pth; see the README)')
+    path, count = depth_maps.import_weights(_MEGADEPTH_WEIGHTS.value, workdir)
+    print(f'Imported {count:,} MegaDepth parameters to {path}')
+
+
+def run_depth(config, workdir: str) -> None:
+    from bokeh_jax import depth_maps
+
+    if not (_INPUT.value and _OUTPUT.value):
+        raise UserError('--mode=depth needs --input=PHOTO_OR_FOLDER and --output=PATH')
+    depth_maps.make_depth_maps(config, workdir, _INPUT.value, _OUTPUT.value,
+                               overwrite=_OVERWRITE.value)
+
+
+def run_export(config, workdir: str) -> None:
+    from bokeh_jax import checkpoint, export
+
+    if not _OUTPUT.value:
+        raise UserError('--mode=export needs --output=FOLDER')
+    try:
+        formats = export.parse_formats(_FORMATS.value)
+        size = export.check_size(_parse_size(_EXPORT_SIZE.value, 'export_size'))
+        params, meta = checkpoint.load_params(workdir, 1)
+        manifest = export.export(params, meta, _OUTPUT.value, formats=formats, size=size,
+                                 overwrite=_OVERWRITE.value)
+    except (ValueError, FileNotFoundError) as e:  # ExportError, or params that do not load
+        raise UserError(f'export failed: {e}') from None
+    for name, entry in manifest['formats'].items():
+        print(f'{name:12s} {entry["path"]:30s} {entry["bytes"] / 2**20:8.1f} MiB '
+              f'{entry["psnr_vs_jax_db"]:7.1f} dB vs JAX')
 
 
 def run_bench(config, workdir: str) -> None:
     from bokeh_jax.bench import harness
 
     harness.run(config, workdir)
+
+
+def run_serve(config, workdir: str) -> None:
+    from bokeh_jax import serve
+
+    try:
+        serve.serve(config, workdir, _PORT.value, serve.depth_estimator(config, workdir))
+    except UserError as e:
+        raise UserError(f'serve failed: {e}') from None
 
 
 def run_estimate(config, workdir: str) -> None:
@@ -167,6 +258,10 @@ MODES = {
     'convert': run_convert,
     'bench': run_bench,
     'render': run_render,
+    'import_depth': run_import_depth,
+    'depth': run_depth,
+    'serve': run_serve,
+    'export': run_export,
     'estimate': run_estimate,
 }
 
@@ -219,15 +314,32 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise UserError(f'unexpected arguments: {argv[1:]}')
     if _MODE.value not in MODES:
-        raise UserError(f'unknown --mode={_MODE.value!r}; expected one of {sorted(MODES)}')
+        raise UserError(f'Unknown --mode={_MODE.value!r}; expected one of {sorted(MODES)}')
     config = resolve_config(_MODE.value, _WORKDIR.value)
-    logging.info('Config (%s):\n%s', _SOURCE[0], config)
+    logging.info('Config: %s', _SOURCE[0])
     MODES[_MODE.value](config, _WORKDIR.value)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad `--config.x` override (an unknown field, a value of the
+    wrong type) turned into a one-line error naming it."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise UserError(str(e)) from None
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        text = str(e.args[0] if e.args else e)
+        for old, new in (('\\n', ' '), ('\n', ' '), ("\\'", ''), ("'", '')):
+            text = text.replace(old, new)
+        overrides = [a for a in argv[1:] if a.startswith('--config.')]
+        named = [a.split('=')[0] for a in overrides
+                 if a.split('=')[0].rsplit('.', 1)[-1] in text] or overrides
+        raise UserError(f'{", ".join(named) or "--config"}: {text}') from None
 
 
 def _run() -> None:
     try:
-        app.run(main)
+        app.run(main, flags_parser=_parse_flags)
     except UserError as e:
         if _DEBUG.present and _DEBUG.value:
             raise

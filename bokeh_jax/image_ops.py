@@ -23,9 +23,10 @@ import numpy as np
 CUBIC_A = -0.5
 # Half-width of the cubic kernel in input pixels at scale 1 (it is stretched when downscaling).
 CUBIC_RADIUS = 2.0
-# Input height and width must be multiples of this (five 2x poolings after space-to-depth).
+# Model input height and width must be multiples of this: space-to-depth (2), four max-pools (2**4).
 SIZE_MULTIPLE = 32
-NUM_LEVELS = 7
+# The paper's levels, coarsest first: level K's output is 2**(2 - K) times the model input.
+LEVELS = (7, 6, 5, 4, 3, 2, 1)
 
 
 def keys_cubic(x: np.ndarray) -> np.ndarray:
@@ -152,8 +153,8 @@ def level_output_size(crop: int, level: int) -> int:
 
     Level 1 (finest) is 2 * crop (the full-resolution photo), level 7 is 2 * crop / 64.
     """
-    if not 1 <= level <= NUM_LEVELS:
-        raise ValueError(f'level must be in 1..{NUM_LEVELS}, got {level}')
+    if not 1 <= level <= len(LEVELS):
+        raise ValueError(f'level must be in 1..{len(LEVELS)}, got {level}')
     if crop <= 0 or crop % SIZE_MULTIPLE:
         raise ValueError(f'crop size must be a positive multiple of {SIZE_MULTIPLE}, got {crop}')
     return 2 * crop // 2 ** (level - 1)

@@ -1,9 +1,13 @@
 """Input pipeline: the prepared TFDS dataset (array_record) read with grain, without TensorFlow.
 
-Reading goes through `tfds.builder_from_directory(...).as_data_source(split)` (random access to
-the array_record files, examples parsed by TFDS's numpy parser) and grain (`MapDataset`, worker
-processes via `mp_prefetch`); images are decoded with PIL. Nothing here imports TensorFlow, so
-training runs on accelerator images without it.
+Reading goes through dataset.py (random access to the array_record files of a prepared split,
+examples parsed by TFDS's numpy parser) and grain (`MapDataset`, worker processes via
+`mp_prefetch`); images are decoded with PIL. Nothing here imports TensorFlow, so training runs on
+accelerator images without it, nor the builders (tfds_ebb): train and eval build the data set
+first (tfds_ebb.prepare).
+
+Each function takes the part of the config it reads: `config.data` (+ `config.seed` for
+training) and explicit batch sizes.
 
 Training batches follow the paper's sampling (SPEC "Training recipe"): a random crop_size x
 crop_size crop of the half-resolution input (photo downscaled x0.5 by image_ops.resize, stacked
@@ -20,170 +24,25 @@ global batch.
 
 import collections
 from collections.abc import Iterator, Sequence
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import io
-import pathlib
 import threading
 import time
 from typing import Any
 
 from absl import flags
-from absl import logging
-from etils import epath
 import grain
 import ml_collections
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds
 
+from bokeh_jax import dataset
+from bokeh_jax import image_io
 from bokeh_jax import image_ops
-import tfds_ebb  # registers the `ebb` and `synthetic_bokeh` builders
 
-FILE_FORMAT = 'array_record'  # the random-access format grain reads
-_IMAGE_KEYS = ('sharp', 'bokeh', 'depth')
-_SYNTHETIC_FIELDS = ('num_train', 'num_validation', 'height', 'width', 'seed')
 # Elements of the (unbounded) training sequence that a MapDataset may address.
 _MAX_TRAIN_STEPS = 2**31
-
-
-# ----------------------------------------------------------------------------- dataset on disk
-
-def _builder_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Builder arguments (besides config, data_dir, file_format) from `config.data`."""
-    data = config.data
-    if data.name == 'synthetic_bokeh':
-        kwargs = {field: int(data.synthetic[field]) for field in _SYNTHETIC_FIELDS}
-        return {**kwargs, 'strength': float(data.synthetic.strength),
-                'foreground': bool(data.synthetic.foreground)}
-    if data.name == 'ebb':
-        return {'depth_dir': data.depth_dir, 'skip_bad': bool(data.skip_bad)}
-    raise ValueError(f"config.data.name must be 'ebb' or 'synthetic_bokeh', got {data.name!r}")
-
-
-def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """The TFDS builder that `config.data` describes (nothing is built)."""
-    return tfds.builder(config.data.name, config=config.data.builder_config,
-                        data_dir=config.data.data_dir or None, file_format=FILE_FORMAT,
-                        **_builder_kwargs(config))
-
-
-def prepare_dataset(config: ml_collections.ConfigDict) -> None:
-    """Builds the configured dataset into config.data.data_dir (array_record) unless present.
-
-    `synthetic_bokeh` is generated on the spot; if the copy on disk was generated with other
-    `config.data.synthetic` settings, it is regenerated (it is a pure function of them). `ebb`
-    needs the download in `config.data.manual_dir`. Processes that call this at the same time
-    on one machine (or a shared file system with POSIX locks) build once: the others wait on a
-    lock file next to the dataset and then find it prepared.
-    """
-    with _build_lock(dataset_builder(config).data_path):
-        builder = dataset_builder(config)  # what is on disk now that we hold the lock
-        if builder.is_prepared():
-            _check_prepared(config, builder)
-            if not (config.data.name == 'synthetic_bokeh' and _synthetic_differs(builder)):
-                return
-            logging.warning('%s was generated with other settings than config.data.synthetic = '
-                            '%s; regenerating it', builder.data_dir, builder.generation.metadata())
-            builder.data_path.rmtree()
-            builder = dataset_builder(config)
-        download_config = None
-        if config.data.name == 'ebb':
-            if not config.data.manual_dir:
-                raise ValueError(
-                    'config.data.manual_dir is empty: EBB! must be downloaded by hand and the '
-                    'field set to its folder.\n\n'
-                    + tfds_ebb.ebb_dataset_builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
-            download_config = tfds.download.DownloadConfig(manual_dir=config.data.manual_dir)
-        logging.info('Building %s/%s into %s', config.data.name, config.data.builder_config,
-                     builder.data_dir)
-        builder.download_and_prepare(file_format=FILE_FORMAT, download_config=download_config)
-
-
-@contextlib.contextmanager
-def _build_lock(data_path: epath.Path) -> Iterator[None]:
-    """An exclusive lock on `<data_path>.lock` (local and mounted paths; none for gs:// etc.)."""
-    if '://' in str(data_path):
-        yield
-        return
-    lock = pathlib.Path(f'{data_path}.lock')
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, 'a') as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _check_prepared(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:
-    formats = [str(getattr(f, 'value', f)) for f in builder.info.available_file_formats()]
-    if FILE_FORMAT not in formats:
-        raise ValueError(
-            f'{builder.data_dir} holds {config.data.name} in {formats}, but the input pipeline '
-            f'reads {FILE_FORMAT}: rebuild it with file_format={FILE_FORMAT!r} or point '
-            'config.data.data_dir elsewhere')
-
-
-def _synthetic_differs(builder: tfds.core.DatasetBuilder) -> bool:
-    """Whether synthetic_bokeh on disk was generated with other settings than requested."""
-    wanted = builder.generation.metadata()
-    return {k: builder.info.metadata.get(k) for k in wanted} != wanted
-
-
-class _Source:
-    """Random access to one split, opened lazily so that it pickles small (each grain worker
-    process opens its own)."""
-
-    def __init__(self, data_dir: str, split: str):
-        self.data_dir, self.split = data_dir, split
-        self._records = None
-
-    def __getstate__(self) -> dict[str, str]:
-        return {'data_dir': self.data_dir, 'split': self.split}
-
-    def __setstate__(self, state: dict[str, str]) -> None:
-        self.__init__(**state)
-
-    @property
-    def records(self) -> Sequence[dict[str, Any]]:
-        if self._records is None:
-            builder = tfds.builder_from_directory(self.data_dir)
-            decoders = {k: tfds.decode.SkipDecoding()
-                        for k in _IMAGE_KEYS if k in builder.info.features}
-            self._records = builder.as_data_source(self.split, decoders=decoders)
-        return self._records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.records[index]
-
-
-def _source(config: ml_collections.ConfigDict, split: str) -> _Source:
-    builder = dataset_builder(config)
-    if not builder.is_prepared():
-        raise FileNotFoundError(f'{config.data.name}/{config.data.builder_config} is not prepared '
-                                f'in {builder.data_dir}; run input_pipeline.prepare_dataset first')
-    if config.data.name == 'synthetic_bokeh' and _synthetic_differs(builder):
-        raise ValueError(f'{builder.data_dir} was generated with other settings than '
-                         'config.data.synthetic; run input_pipeline.prepare_dataset first')
-    if split not in builder.info.splits:
-        raise ValueError(f'split {split!r} not in {config.data.name} '
-                         f'(has {sorted(builder.info.splits)})')
-    return _Source(str(builder.data_dir), split)
-
-
-def _decode(data: bytes, what: str) -> np.ndarray:
-    """JPEG/PNG bytes of image `what` -> uint8 [H, W, 3] or [H, W]."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image)
-    except OSError as e:
-        raise ValueError(f'cannot decode {what}: {e}') from e
 
 
 # ----------------------------------------------------------------------------- training
@@ -204,7 +63,7 @@ class _TrainExample:
     to the crop made from the encoded record, so the batches do not depend on the cache.
     """
 
-    def __init__(self, source: _Source, seed: int, level: int, crop: int, with_depth: bool,
+    def __init__(self, source: dataset.Source, seed: int, level: int, crop: int, with_depth: bool,
                  cache_bytes: int = 0):
         self.source, self.seed, self.level = source, seed, level
         self.crop, self.with_depth, self.cache_bytes = crop, with_depth, int(cache_bytes)
@@ -281,11 +140,11 @@ class _Decoded:
 
     def __init__(self, record: dict[str, Any], with_depth: bool):
         self.name = record['id'].decode() if isinstance(record['id'], bytes) else str(record['id'])
-        self.photo = _decode(record['sharp'], self.name)
-        self.bokeh = _decode(record['bokeh'], self.name)
+        self.photo = image_io.decode(record['sharp'], self.name)
+        self.bokeh = image_io.decode(record['bokeh'], self.name)
         self.height, self.width = self.photo.shape[:2]
         self.half = image_ops.half_size(self.height, self.width)
-        self.depth = (image_ops.depth_channel(_decode(record['depth'], self.name),
+        self.depth = (image_ops.depth_channel(image_io.decode(record['depth'], self.name),
                                               (self.height, self.width)) if with_depth else None)
 
     def input_window(self, top: int, left: int, height: int, width: int) -> np.ndarray:
@@ -358,37 +217,39 @@ def _local_batch_size(batch_size: int, num_local_devices: int, process_count: in
     return batch_size // process_count
 
 
-def cache_bytes(config: ml_collections.ConfigDict) -> int:
+def cache_bytes(data: ml_collections.ConfigDict) -> int:
     """config.data.cache_mb in bytes, checked."""
-    cache_mb = config.data.get('cache_mb', 0)
+    cache_mb = data.get('cache_mb', 0)
     if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or cache_mb < 0:
         raise ValueError(f'config.data.cache_mb must be a number >= 0 (0 = no cache), got '
                          f'{cache_mb!r}')
     return int(cache_mb * 2**20)
 
 
-def _finish(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.DatasetIterator:
-    """Iterates `dataset` with prefetching threads, in worker processes if configured."""
-    prefetch = max(int(config.data.prefetch), 1)
-    iter_dataset = dataset.to_iter_dataset(
+def _finish(pipeline: grain.MapDataset, data: ml_collections.ConfigDict
+            ) -> grain.DatasetIterator:
+    """Iterates `pipeline` with prefetching threads, in worker processes if configured."""
+    prefetch = max(int(data.prefetch), 1)
+    iter_dataset = pipeline.to_iter_dataset(
         grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
-    if config.data.num_workers > 0:
+    if data.num_workers > 0:
         if not flags.FLAGS.is_parsed():
             # Grain reads its absl flags when starting workers, which fails outside absl.app
             # (google/grain#1355); their defaults are what we want.
             flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=int(config.data.num_workers), per_worker_buffer_size=prefetch))
+            num_workers=int(data.num_workers), per_worker_buffer_size=prefetch))
     return iter(iter_dataset)
 
 
-def train_iterator(config: ml_collections.ConfigDict, level: int, start_step: int, *,
+def train_iterator(data: ml_collections.ConfigDict, seed: int, level: int, start_step: int, *,
                    batch_size: int, num_local_devices: int, process_index: int = 0,
                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches of `level` from step `start_step` on, for this process.
 
     Args:
-      config: the experiment config (uses config.seed and config.data).
+      data: config.data (which data set, its split, crop size, workers, cache).
+      seed: config.seed (the epoch permutations, crops and augmentation).
       level: paper level 1..7 (sets the target size).
       start_step: global step of the first batch (resume from a checkpoint by passing its step).
       batch_size: the GLOBAL batch size (all devices of all processes).
@@ -396,7 +257,7 @@ def train_iterator(config: ml_collections.ConfigDict, level: int, start_step: in
 
     Yields:
       {'input': float32 [D, b, c, c, C], 'target': float32 [D, b, s, s, 3]} in [0, 1], with
-      D = num_local_devices, b = batch_size / process_count / D, c = config.data.crop_size,
+      D = num_local_devices, b = batch_size / process_count / D, c = data.crop_size,
       s = level_output_size(c, level), C = 4 (rgbd) or 3 (rgb). The returned grain iterator
       has close(), which stops its worker processes.
     """
@@ -406,20 +267,19 @@ def train_iterator(config: ml_collections.ConfigDict, level: int, start_step: in
         raise ValueError(f'process_index={process_index} not in [0, {process_count})')
     if start_step < 0:
         raise ValueError(f'start_step must be >= 0, got {start_step}')
-    crop = int(config.data.crop_size)
+    crop = int(data.crop_size)
     image_ops.level_output_size(crop, level)  # validates crop and level
-    make = _TrainExample(_source(config, config.data.train_split), _check_seed(config.seed),
-                         level, crop, config.data.builder_config == 'rgbd',
-                         cache_bytes=cache_bytes(config))
+    make = _TrainExample(dataset.source(data, data.train_split), _check_seed(seed), level, crop,
+                         data.builder_config == 'rgbd', cache_bytes=cache_bytes(data))
 
     def global_index(i: int) -> int:
         step, row = divmod(i, local)
         return (start_step + step) * batch_size + process_index * local + row
 
-    dataset = (grain.MapDataset.range(_MAX_TRAIN_STEPS * local)
+    pipeline = (grain.MapDataset.range(_MAX_TRAIN_STEPS * local)
                .map(global_index).map(make).batch(local)
                .map(functools.partial(_per_device, num_devices=num_local_devices)))
-    return _finish(dataset, config)
+    return _finish(pipeline, data)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -427,77 +287,110 @@ def train_iterator(config: ml_collections.ConfigDict, level: int, start_step: in
 @dataclasses.dataclass(frozen=True)
 class _EvalExample:
     """Index into this process's share -> one whole image padded to `padded` (or a dummy)."""
-    source: _Source
+    source: dataset.Source
     first: int  # global index of this process's first image
     count: int  # images of this process
     padded: tuple[int, int]  # input height, width (multiples of 32)
     channels: int
+    photo_shape: tuple[int, int] | None = None  # the photos' padded size; None: no photos
+    depth_shape: tuple[int, int] | None = None  # the depth maps' padded size; None: none
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         h, w = self.padded
+        photo = depth = None
         if index >= self.count:
-            return {'input': np.zeros((h, w, self.channels), np.float32),
-                    'target': np.zeros((2 * h, 2 * w, 3), np.float32), 'id': np.str_(''),
-                    'height': np.int32(0), 'width': np.int32(0), 'valid': np.bool_(False)}
-        record = self.source[self.first + index]
-        name = record['id'].decode()
-        photo = _decode(record['sharp'], name)
-        depth = _decode(record['depth'], name) if self.channels == 4 else None
-        model_input = image_ops.make_model_input(photo, depth)
-        ih, iw = model_input.shape[:2]
-        target = image_ops.to_float(_decode(record['bokeh'], name)[:2 * ih, :2 * iw])
-        return {'input': image_ops.pad_to_shape(model_input, h, w),
-                'target': image_ops.pad_to_shape(target, 2 * h, 2 * w),
-                'id': np.str_(name), 'height': np.int32(photo.shape[0]),
-                'width': np.int32(photo.shape[1]), 'valid': np.bool_(True)}
+            example = {'input': np.zeros((h, w, self.channels), np.float32),
+                       'target': np.zeros((2 * h, 2 * w, 3), np.float32), 'id': np.str_(''),
+                       'height': np.int32(0), 'width': np.int32(0), 'valid': np.bool_(False)}
+        else:
+            record = self.source[self.first + index]
+            name = record['id'].decode()
+            photo = image_io.decode(record['sharp'], name)
+            depth = image_io.decode(record['depth'], name) if self.channels == 4 else None
+            model_input = image_ops.make_model_input(photo, depth)
+            ih, iw = model_input.shape[:2]
+            target = image_ops.to_float(image_io.decode(record['bokeh'], name)[:2 * ih, :2 * iw])
+            example = {'input': image_ops.pad_to_shape(model_input, h, w),
+                       'target': image_ops.pad_to_shape(target, 2 * h, 2 * w),
+                       'id': np.str_(name), 'height': np.int32(photo.shape[0]),
+                       'width': np.int32(photo.shape[1]), 'valid': np.bool_(True)}
+        if self.photo_shape:
+            example['photo'] = _zero_padded(photo, self.photo_shape, (3,))
+        if self.depth_shape:
+            example['depth'] = _zero_padded(depth, self.depth_shape, ())
+            example['depth_height'] = np.int32(0 if depth is None else depth.shape[0])
+            example['depth_width'] = np.int32(0 if depth is None else depth.shape[1])
+        return example
 
 
-def _padded_input_size(source: _Source, count: int) -> tuple[int, int]:
-    """Largest half-resolution size of the first `count` images, rounded up to a multiple of 32.
+def _zero_padded(image: np.ndarray | None, shape: tuple[int, int], channels: tuple[int, ...]
+                 ) -> np.ndarray:
+    """uint8 image (or None: all zeros) padded with zeros at the bottom and right to `shape`."""
+    out = np.zeros((*shape, *channels), np.uint8)
+    if image is not None:
+        out[:image.shape[0], :image.shape[1]] = image
+    return out
 
-    Every batch of every process gets this one shape, so that all processes run the same
-    compiled step (and compile it once).
-    """
-    height = width = 0
+
+def _largest_sizes(source: dataset.Source, count: int, keys: Sequence[str]
+                   ) -> dict[str, tuple[int, int]]:
+    """{key: the largest (height, width) of image `key` among the first `count` records}, read
+    from the image headers only."""
+    largest = {key: (0, 0) for key in keys}
     for index in range(count):
-        with Image.open(io.BytesIO(source[index]['sharp'])) as image:  # reads the header only
-            h, w = image_ops.half_size(image.height, image.width)
-        height, width = max(height, h), max(width, w)
-    return image_ops.round_up(height), image_ops.round_up(width)
+        record = source[index]
+        for key in keys:
+            with Image.open(io.BytesIO(record[key])) as image:  # reads the header only
+                h, w = largest[key]
+                largest[key] = (max(h, image.height), max(w, image.width))
+    return largest
 
 
-def eval_iterator(config: ml_collections.ConfigDict, split: str, *, num_local_devices: int,
-                  process_index: int = 0, process_count: int = 1
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def eval_iterator(data: ml_collections.ConfigDict, split: str, *, num_local_devices: int,
+                  process_index: int = 0, process_count: int = 1, max_images: int = 0,
+                  with_photos: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Whole images of `split` in stored (id) order, one per local device per batch.
 
     Process p gets the contiguous share [p * n, (p + 1) * n) with n = ceil(N / process_count);
     the last batches are filled with entries whose `valid` is False, so that every process
-    yields the same number of batches. config.eval.max_images > 0 evaluates only that many.
+    yields the same number of batches. max_images > 0 (config.eval.max_images) takes only the
+    first that many images of the split.
 
     Yields:
       input: float32 [D, 1, H, W, C] in [0, 1], reflect-padded to the split's largest size
-        rounded up to a multiple of 32; target: float32 [D, 1, 2H, 2W, 3], padded likewise;
+        rounded up to a multiple of 32 (the same shape on every process, so that every step
+        runs one compiled program); target: float32 [D, 1, 2H, 2W, 3], padded likewise;
       id: str [D, 1]; height, width: int32 [D, 1], the photo's full-resolution size;
-      valid: bool [D, 1].
+      valid: bool [D, 1]. With `with_photos`, also what the baselines and image grids need:
+      photo: uint8 [D, 1, PH, PW, 3], the full-resolution sharp photo as stored, zero-padded to
+      the split's largest; in config `rgbd` depth: uint8 [D, 1, ph, pw], the depth map as
+      stored, zero-padded likewise, and depth_height, depth_width: int32 [D, 1], its size.
     """
     _local_batch_size(num_local_devices * process_count, num_local_devices, process_count,
                       'eval batch')
-    source = _source(config, split)
+    if max_images < 0:
+        raise ValueError(f'max_images must be >= 0 (0 = the whole split), got {max_images}')
+    source = dataset.source(data, split)
     total = len(source)
-    max_images = int(config.eval.get('max_images', 0)) if 'eval' in config else 0
     if max_images > 0:
         total = min(total, max_images)
     share = -(-total // process_count)
     first = min(process_index * share, total)
     count = min(share, total - first)
     steps = -(-share // num_local_devices)
-    make = _EvalExample(source, first, count, _padded_input_size(source, total),
-                        4 if config.data.builder_config == 'rgbd' else 3)
-    dataset = (grain.MapDataset.range(steps * num_local_devices).map(make)
+    with_depth = data.builder_config == 'rgbd'
+    keys = ['sharp'] + (['depth'] if with_depth and with_photos else [])
+    largest = _largest_sizes(source, total, keys)
+    half = image_ops.half_size(*largest['sharp'])
+    make = _EvalExample(source, first, count, (image_ops.round_up(half[0]),
+                                               image_ops.round_up(half[1])),
+                        4 if with_depth else 3,
+                        photo_shape=largest['sharp'] if with_photos else None,
+                        depth_shape=largest.get('depth'))
+    pipeline = (grain.MapDataset.range(steps * num_local_devices).map(make)
                .batch(num_local_devices)
                .map(lambda batch: {k: v[:, None] for k, v in batch.items()}))
-    return _finish(dataset, config)
+    return _finish(pipeline, data)
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -506,13 +399,13 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, level: int, num_batche
                        ) -> dict[str, float]:
     """Times the training pipeline of `level` on this machine (one process, one device).
 
-    Uses the level's batch size (config.train.level{k}.batch_size) and config.data as is;
-    prepares the dataset first if needed. Returns examples/s and batches/s after one warm-up
-    batch (which includes starting the workers).
+    Uses the level's batch size (config.train.level{k}.batch_size) and config.data as is; the
+    data set must be prepared (`python -m tfds_ebb.prepare --config=...`). Returns examples/s
+    and batches/s after one warm-up batch (which includes starting the workers).
     """
-    prepare_dataset(config)
     batch_size = int(config.train[f'level{level}'].batch_size)
-    iterator = train_iterator(config, level, 0, batch_size=batch_size, num_local_devices=1)
+    iterator = train_iterator(config.data, config.seed, level, 0, batch_size=batch_size,
+                              num_local_devices=1)
     try:
         next(iterator)
         start = time.perf_counter()

@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bokeh_jax import onednn
-
-LEVELS = (7, 6, 5, 4, 3, 2, 1)
-# Input H and W must be multiples of this: space-to-depth (2) and four max-pools (2**4).
-SIZE_MULTIPLE = 32
+# The paper's levels (coarsest first) and the multiple that input sides must be (space-to-depth
+# and four max-pools: 2 * 2**4), defined with the image geometry and re-exported for model users.
+from bokeh_jax.image_ops import LEVELS, SIZE_MULTIPLE
 # Levels whose side output `head` is not on the path to finer levels.
 SIDE_HEAD_LEVELS = (7, 6, 5, 4, 3)
 # Blocks of each group in the order the original TF graph creates their variables

@@ -1,4 +1,7 @@
-"""Full-resolution rendering of any photo with trained PyNET parameters (`--mode=render`).
+"""Full-resolution rendering of any photo with trained PyNET parameters: tiled inference.
+
+Reading and writing the files is image_io.py's job; the photos and folders of `--mode=render`
+are planned and run by render_jobs.py.
 
 The paper's inference (SPEC "Evaluation"), made size-independent:
   1. photo uint8 [H, W, 3] -> x0.5 antialiased bicubic + depth channel, exactly the training
@@ -21,22 +24,14 @@ A map that is already in the convention passes through unchanged.
 """
 
 from collections.abc import Callable
-import dataclasses
 import functools
-import os
-import sys
-import time
 from typing import Any
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from PIL import Image, ImageOps
-import tqdm
 
-from bokeh_jax import checkpoint
 from bokeh_jax import image_ops
 from bokeh_jax import model as model_lib
 
@@ -56,8 +51,6 @@ HALO_BEFORE = 56
 HALO_AFTER = 55
 # Level-1 output pixels per level-3 pixel: levels 2 and 1 each upsample x2.
 FINE_SCALE = 4
-# Photos picked up from a folder (case-insensitive).
-PHOTO_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 PAD_MODES = ('reflect', 'crop')
 # config.render.max_tile of configs/default.py.
 DEFAULT_MAX_TILE = 2048
@@ -72,131 +65,6 @@ NEEDS_DEPTH = (
     '<name>.png for each photo <name>.jpg; or render with a model trained without depth '
     '(--config.data.builder_config=rgb, 3 input channels), which needs none.'
 )
-
-
-class RenderError(Exception):
-    """A problem with the user's files or arguments; the message names the file or flag."""
-
-
-class DepthFormatError(ValueError):
-    """A readable depth image that is not a single-channel map."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading and writing images.
-# ----------------------------------------------------------------------------------------------
-
-
-def _gray_to_uint8(image: Image.Image) -> np.ndarray:
-    """8-bit or 16-bit grayscale image -> uint8 [H, W] (16-bit scaled by 255/65535)."""
-    if image.mode in ('1', 'L'):
-        return np.asarray(image.convert('L'))
-    values = np.asarray(image)
-    if values.min() < 0 or values.max() > 65535:
-        raise ValueError(f'{image.mode} image with values outside 0..65535 (not a 16-bit image)')
-    return np.round(values.astype(np.float32) * np.float32(255 / 65535)).astype(np.uint8)
-
-
-def _decode_photo(image: Image.Image) -> np.ndarray:
-    mode = image.mode
-    if mode in ('1', 'L', 'I') or mode.startswith('I;16'):
-        return np.repeat(_gray_to_uint8(image)[..., None], 3, axis=-1)
-    if mode == 'F':
-        raise ValueError('32-bit floating-point images are not supported; use 8-bit JPEG or PNG')
-    if mode in ('LA', 'La', 'PA', 'RGBA', 'RGBa') or (mode == 'P' and 'transparency' in image.info):
-        rgba = np.asarray(image.convert('RGBA'), np.float32)
-        alpha = rgba[..., 3:] / 255
-        return np.round(rgba[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
-    return np.asarray(image.convert('RGB'))  # RGB, palette, CMYK, YCbCr, ...
-
-
-def read_photo(path: str) -> np.ndarray:
-    """A photo as it is displayed: uint8 [H, W, 3].
-
-    EXIF orientation is applied. Grayscale (1-, 8- or 16-bit) is repeated on the three channels
-    (16-bit scaled to 8). Images with alpha (LA, RGBA, palette with transparency) are composited
-    over white, as a viewer without transparency shows them; the output has no alpha. Other modes
-    (CMYK, YCbCr, palette) are converted to RGB by Pillow. Raises RenderError naming `path` when it
-    cannot be read.
-    """
-    try:
-        with Image.open(path) as image:
-            return _decode_photo(ImageOps.exif_transpose(image))
-    except Exception as e:  # Pillow raises many types on corrupt files; all mean "unreadable"
-        raise RenderError(f'{path}: cannot read the photo ({type(e).__name__}: {e})') from None
-
-
-def read_depth(path: str) -> np.ndarray:
-    """A depth map in its own units: float32 [h, w], any resolution.
-
-    `.npy`: a real array [h, w] or [h, w, 1]. Images (PNG, ...): grayscale 8-bit, 16-bit or float,
-    EXIF orientation applied; an RGB(A) image is accepted only when it is a gray map stored as RGB
-    (equal channels) and opaque. Raises RenderError naming `path`.
-    """
-    try:
-        if path.lower().endswith('.npy'):
-            depth = np.load(path, allow_pickle=False)
-        else:
-            with Image.open(path) as image:
-                depth = _decode_depth(ImageOps.exif_transpose(image))
-    except DepthFormatError as e:
-        raise RenderError(f'{path}: {e}') from None
-    except Exception as e:  # Pillow/numpy raise many types on corrupt files
-        raise RenderError(f'{path}: cannot read the depth map ({type(e).__name__}: {e})') from None
-    depth = depth[..., 0] if depth.ndim == 3 and depth.shape[-1] == 1 else depth
-    if depth.ndim != 2 or min(depth.shape) == 0:
-        raise RenderError(f'{path}: a depth map must be [h, w] or [h, w, 1]; got {depth.shape}')
-    if not np.issubdtype(depth.dtype, np.integer) and not np.issubdtype(depth.dtype, np.floating):
-        raise RenderError(f'{path}: depth map must hold real numbers; got dtype {depth.dtype}')
-    depth = depth.astype(np.float32)
-    if not np.all(np.isfinite(depth)):
-        raise RenderError(f'{path}: depth map has NaN or infinite values')
-    return depth
-
-
-def _decode_depth(image: Image.Image) -> np.ndarray:
-    if image.mode in ('1', 'L', 'I', 'F') or image.mode.startswith('I;16'):
-        return np.asarray(image.convert('L') if image.mode == '1' else image)
-    rgba = np.asarray(image.convert('RGBA'))
-    if np.any(rgba[..., 3] != 255):
-        raise DepthFormatError('depth map has transparent pixels')
-    if np.any(rgba[..., 0] != rgba[..., 1]) or np.any(rgba[..., 0] != rgba[..., 2]):
-        raise DepthFormatError(
-            f'depth map is a colour ({image.mode}) image; expected a single-channel map '
-            f'(grayscale PNG, 8 or 16 bit, near = bright, or a .npy array)'
-        )
-    return rgba[..., 0]
-
-
-def output_format(path: str) -> str:
-    """Pillow format name for an output path, from its extension (e.g. 'PNG', 'JPEG')."""
-    extension = os.path.splitext(path)[1].lower()
-    fmt = Image.registered_extensions().get(extension)
-    if fmt is None or fmt not in Image.SAVE:
-        raise RenderError(
-            f'{path}: unknown output image format {extension or "(no extension)"!r}; '
-            f'use .png (lossless) or .jpg'
-        )
-    return fmt
-
-
-def save_image(path: str, image: np.ndarray, *, jpeg_quality: int = 95) -> None:
-    """Writes float [H, W, 3] in [0, 1] as 8-bit (rounded), format from the extension.
-
-    Written to a temporary file next to `path` and renamed, so an interrupted run leaves no
-    truncated output behind.
-    """
-    fmt = output_format(path)
-    pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-    directory, name = os.path.split(os.path.abspath(path))
-    partial = os.path.join(directory, f'.{name}.partial')
-    options = {'quality': int(jpeg_quality)} if fmt == 'JPEG' else {}
-    try:
-        Image.fromarray(pixels).save(partial, format=fmt, **options)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +145,7 @@ def model_input(
     x = image_ops.make_model_input(photo, depth)
     h, w = x.shape[:2]
     if pad_mode == 'crop':
-        m = model_lib.SIZE_MULTIPLE
+        m = image_ops.SIZE_MULTIPLE
         h, w = h // m * m, w // m * m
         if min(h, w) == 0:
             raise ValueError(
@@ -363,6 +231,14 @@ def _check_max_tile(max_tile: int) -> None:
         )
 
 
+
+def check_settings(max_tile: int, pad_mode: str) -> None:
+    """Raises ValueError naming the config.render field unless max_tile and pad_mode are valid."""
+    _check_max_tile(max_tile)
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f'config.render.pad_mode must be one of {PAD_MODES}; got {pad_mode!r}')
+
+
 def render_model_input(
     params: Any,
     x: np.ndarray,
@@ -372,6 +248,7 @@ def render_model_input(
     max_tile: int,
     dtype: str = 'float32',
     conv_impl: str = 'xla',
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Level-1 output for a padded model input, cropped to out_hw: float32 [*out_hw, 3] in [0, 1].
 
@@ -380,12 +257,16 @@ def render_model_input(
       max_tile: 0 runs levels 1-3 in one pass; otherwise the largest side, in model-input pixels
         and halo included, of the crops they run on (memory of the fine levels ~ max_tile**2).
       dtype, conv_impl: the model's computation dtype and convolutions (PyNET's attributes).
+      progress: called as progress(done, total) after the global pass and after each tile
+        (total = 1 + tiles; untiled: once, (1, 1)), e.g. for a progress bar of a long render.
     """
     _check_max_tile(max_tile)
     whole, coarse, fine_tile = _functions(channels, str(jnp.dtype(dtype)), conv_impl)
     params = jax.device_put(params)  # no copy when already on the device
     if max_tile == 0:
         out = np.asarray(whole(params, x[None]))[0, : out_hw[0], : out_hw[1]]
+        if progress:
+            progress(1, 1)
         return np.clip(out, 0.0, 1.0)
 
     e1, u4a, u4b = coarse(params, x[None])
@@ -396,6 +277,10 @@ def render_model_input(
     logging.debug('level 3 grid %dx%d: %d x %d tiles of %dx%d', *grid, len(rows), len(cols), *crop)
     out = np.empty((FINE_SCALE * needed[0], FINE_SCALE * needed[1], 3), np.float32)
     s = FINE_SCALE
+    done, total = 1, 1 + len(rows) * len(cols)
+    if progress:
+        jax.block_until_ready((e1, u4a, u4b))  # report the global pass when it has run
+        progress(1, total)
     for r0, r1, rc in rows:
         for c0, c1, cc in cols:
             tile = fine_tile(params, e1, u4a, u4b, jnp.array([rc, cc], jnp.int32), size=crop)
@@ -403,6 +288,9 @@ def render_model_input(
             out[s * r0 : s * r1, s * c0 : s * c1] = tile[
                 s * (r0 - rc) : s * (r1 - rc), s * (c0 - cc) : s * (c1 - cc)
             ]
+            done += 1
+            if progress:
+                progress(done, total)
     return np.clip(out[: out_hw[0], : out_hw[1]], 0.0, 1.0)
 
 
@@ -417,6 +305,7 @@ def render_full_resolution(
     depth_far_is_bright: bool = False,
     dtype: str = 'float32',
     conv_impl: str = 'xla',
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Renders the bokeh version of a whole photo with level-1 PyNET parameters.
 
@@ -430,6 +319,7 @@ def render_full_resolution(
       pad_mode, depth_far_is_bright: see `model_input`.
       dtype: computation dtype.
       conv_impl: what runs the convolutions, 'xla' or 'onednn' (PyNET.conv_impl).
+      progress: see `render_model_input`.
 
     Returns:
       float32 [H, W, 3] in [0, 1] (with pad_mode 'crop': [2Hp, 2Wp, 3], see `model_input`).
@@ -446,224 +336,4 @@ def render_full_resolution(
         depth_far_is_bright=depth_far_is_bright,
     )
     return render_model_input(params, x, out_hw, channels=channels, max_tile=max_tile, dtype=dtype,
-                              conv_impl=conv_impl)
-
-
-# ----------------------------------------------------------------------------------------------
-# Files and folders (`launch.py --mode=render`).
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One photo to render: its path, its depth map's path (None: RGB-only) and the output path."""
-
-    photo: str
-    depth: str | None
-    output: str
-
-
-def _split_folder(folder: str) -> tuple[list[str], list[str]]:
-    """(photos, other files) in a folder, sorted by name; sub-folders are not entered."""
-    photos, others = [], []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path) and not name.startswith('.'):
-            is_photo = os.path.splitext(name)[1].lower() in PHOTO_EXTENSIONS
-            (photos if is_photo else others).append(path)
-    return photos, others
-
-
-def _depth_for(photo: str, depth_folder: str) -> str:
-    return os.path.join(depth_folder, os.path.splitext(os.path.basename(photo))[0] + '.png')
-
-
-def plan_jobs(
-    input_path: str,
-    depth_path: str | None,
-    output_path: str,
-    *,
-    input_channels: int,
-    overwrite: bool = False,
-) -> list[Job]:
-    """Checks the paths of a render run and pairs every photo with its depth map and output.
-
-    `input_path` is a photo or a folder of photos (*.jpg, *.jpeg, *.png). For a folder,
-    `output_path` is a folder (each output keeps its photo's name) and `depth_path` a folder
-    holding <stem>.png for each photo <stem>.<ext>; a missing map fails that photo only, when it is
-    rendered. For a single photo, `output_path` is a file (format from the extension) or an
-    existing folder, and `depth_path` a file, or a folder to look <stem>.png up in. Raises
-    RenderError, before anything is rendered, for: a missing input; depth given to an RGB-only
-    model or missing for an RGB + depth model; an unknown output extension; an output that exists
-    (unless `overwrite`) or that is the input itself.
-    """
-    if input_channels == 4 and not depth_path:
-        raise RenderError(NEEDS_DEPTH)
-    if input_channels == 3 and depth_path:
-        raise RenderError(
-            f'--depth={depth_path}: this model is RGB-only (3 input channels, trained without '
-            f'depth) and takes no depth map; leave out --depth or use an RGB + depth model'
-        )
-    if depth_path and not os.path.exists(depth_path):
-        raise RenderError(f'--depth={depth_path}: no such file or folder')
-    if os.path.isdir(input_path):
-        photos, others = _split_folder(input_path)
-        if others:
-            logging.warning(
-                'Not rendering %d file(s) of %s without a %s extension: %s',
-                len(others),
-                input_path,
-                '/'.join(PHOTO_EXTENSIONS),
-                ', '.join(others[:10]),
-            )
-        if not photos:
-            extensions = '/'.join(PHOTO_EXTENSIONS)
-            raise RenderError(f'--input={input_path}: no {extensions} photos in it')
-        if depth_path and not os.path.isdir(depth_path):
-            raise RenderError(
-                f'--depth={depth_path} is a file; with a folder of photos, --depth must be a '
-                f'folder holding <name>.png for each photo <name>.jpg/.png'
-            )
-        if os.path.exists(output_path) and not os.path.isdir(output_path):
-            raise RenderError(
-                f'--output={output_path} is a file; with a folder of photos it must be a folder'
-            )
-        jobs = [
-            Job(
-                photo,
-                _depth_for(photo, depth_path) if depth_path else None,
-                os.path.join(output_path, os.path.basename(photo)),
-            )
-            for photo in photos
-        ]
-    elif os.path.isfile(input_path):
-        depth = depth_path or None
-        if depth and os.path.isdir(depth):
-            depth = _depth_for(input_path, depth)
-            if not os.path.isfile(depth):
-                raise RenderError(f'--depth={depth_path}: no depth map {depth} for {input_path}')
-        output = output_path
-        if os.path.isdir(output):
-            output = os.path.join(output, os.path.basename(input_path))
-        jobs = [Job(input_path, depth, output)]
-    else:
-        raise RenderError(f'--input={input_path}: no such file or folder')
-
-    for job in jobs:
-        output_format(job.output)
-        if os.path.exists(job.output) and os.path.samefile(job.output, job.photo):
-            raise RenderError(
-                f'{job.output}: the output would replace the input photo; choose another --output'
-            )
-    existing = [job.output for job in jobs if os.path.exists(job.output)]
-    if existing and not overwrite:
-        raise RenderError(
-            f'{len(existing)} output file(s) already exist ({", ".join(existing[:5])}'
-            f'{", ..." if len(existing) > 5 else ""}); pass --overwrite to replace them'
-        )
-    return jobs
-
-
-def _render_job(
-    params: Any, meta: dict, job: Job, config: ml_collections.ConfigDict
-) -> tuple[np.ndarray, float]:
-    """Renders and writes one job; returns (photo, seconds spent rendering).
-
-    Raises RenderError naming the file.
-    """
-    cfg = config.render
-    photo = read_photo(job.photo)
-    depth = None
-    if job.depth is not None:
-        if not os.path.isfile(job.depth):
-            raise RenderError(f'{job.photo}: its depth map {job.depth} does not exist')
-        depth = read_depth(job.depth)
-        try:
-            check_depth_aspect(depth.shape, photo.shape[:2])
-        except ValueError as e:
-            raise RenderError(f'{job.depth} (depth of {job.photo}): {e}') from None
-    start = time.perf_counter()
-    try:
-        x, out_hw = model_input(
-            photo,
-            depth,
-            input_channels=meta['input_channels'],
-            pad_mode=cfg.pad_mode,
-            depth_far_is_bright=cfg.depth_far_is_bright,
-        )
-    except ValueError as e:  # photo too small for the pad mode, ...
-        raise RenderError(f'{job.photo}: {e}') from None
-    image = render_model_input(
-        params, x, out_hw, channels=meta['channels'], max_tile=cfg.max_tile,
-        dtype=config.model.dtype, conv_impl=config.model.conv_impl
-    )
-    seconds = time.perf_counter() - start
-    try:
-        save_image(job.output, image, jpeg_quality=cfg.jpeg_quality)
-    except OSError as e:
-        raise RenderError(f'{job.output}: cannot write the output ({e})') from None
-    return photo, seconds
-
-
-def render_paths(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    input_path: str,
-    depth_path: str | None,
-    output_path: str,
-    *,
-    overwrite: bool = False,
-) -> None:
-    """`--mode=render`: renders a photo or a folder with the finest parameters in `workdir`.
-
-    Prints the time per photo (a folder also gets a progress bar). Raises RenderError before
-    rendering for bad arguments (`plan_jobs`), and after rendering everything else when some photos
-    failed, listing them.
-    """
-    cfg = config.render
-    try:
-        _check_max_tile(cfg.max_tile)
-    except ValueError as e:
-        raise RenderError(str(e)) from None
-    if cfg.pad_mode not in PAD_MODES:
-        raise RenderError(
-            f'config.render.pad_mode must be one of {PAD_MODES}; got {cfg.pad_mode!r}'
-        )
-    try:
-        params, meta = checkpoint.load_params(workdir)
-    except (FileNotFoundError, ValueError) as e:
-        raise RenderError(str(e)) from None
-    if meta.get('level') != 1:
-        raise RenderError(
-            f'{checkpoint.params_dir(workdir, meta.get("level"))}: the finest parameters saved in '
-            f'{workdir} are of level {meta.get("level")}; rendering needs level 1 (finish '
-            f'training, or --mode=convert the released model)'
-        )
-    jobs = plan_jobs(
-        input_path,
-        depth_path,
-        output_path,
-        input_channels=meta['input_channels'],
-        overwrite=overwrite,
-    )
-    for directory in {os.path.dirname(os.path.abspath(job.output)) for job in jobs}:
-        os.makedirs(directory, exist_ok=True)
-    params = jax.device_put(params)
-    failures, compiled = [], set()
-    for job in tqdm.tqdm(jobs, desc='render', unit='photo', disable=len(jobs) == 1):
-        try:
-            photo, seconds = _render_job(params, meta, job, config)
-        except RenderError as e:
-            failures.append(str(e))
-            tqdm.tqdm.write(f'FAILED {e}', file=sys.stderr)
-            continue
-        # Same size, same shapes: only the first photo of a size compiles.
-        height, width = photo.shape[:2]
-        note = '' if (height, width) in compiled else ' (first of this size: includes compiling)'
-        compiled.add((height, width))
-        tqdm.tqdm.write(f'{job.photo} ({width}x{height}) -> {job.output}: {seconds:.1f} s{note}')
-    if failures:
-        raise RenderError(
-            f'{len(failures)} of {len(jobs)} photo(s) failed (the others were written):\n  '
-            + '\n  '.join(failures)
-        )
+                              conv_impl=conv_impl, progress=progress)

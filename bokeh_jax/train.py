@@ -138,17 +138,6 @@ class _Run:
     stop_checks: int = 0  # calls of multihost.should_stop (the preemption sync point's step id)
 
 
-def _prepare_dataset_once(config: ml_collections.ConfigDict) -> None:
-    """Builds the dataset if needed: process 0 first, the others once it is there."""
-    if jax.process_index() == 0:
-        input_pipeline.prepare_dataset(config)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices('bokeh_jax: dataset prepared')
-        if jax.process_index() > 0:
-            input_pipeline.prepare_dataset(config)
-
-
 def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tuple[Any, str]:
     """Fresh parameters, or those of `config.train.init_from` (a workdir) for fine-tuning."""
     if config.train.init_from:
@@ -166,11 +155,15 @@ def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tu
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       config_source: str = '') -> dict:
+                       config_source: str = '',
+                       prepare_data: Callable[[ml_collections.ConfigDict], None] | None = None
+                       ) -> dict:
     """Trains every level of config.train.order in `workdir` (resuming), returns final metrics.
 
     config_source: where the config came from (e.g. 'configs/default.py:demo'), kept with it in
-    WORKDIR/config.json.
+    WORKDIR/config.json. prepare_data: builds the data set of `config.data` if needed, on every
+    process (launch.py passes tfds_ebb.prepare.prepare_dataset_once; the library itself only
+    reads data sets); None = it is there.
     """
     multihost.maybe_initialize_distributed(config)
     config_checks.validate_config(config, jax.device_count())
@@ -184,13 +177,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with lock:
         if jax.process_index() == 0:
             workdir_lib.save_config(workdir, config, config_source)
+        if prepare_data is not None:
+            prepare_data(config.data)
         return _train_levels(config, workdir, vgg_params)
 
 
 def _train_levels(config: ml_collections.ConfigDict, workdir: str, vgg_params: Any) -> dict:
-    if jax.process_index() == 0:  # before the others open the checkpoints (a sync point below)
+    if jax.process_index() == 0:
         checkpoints.set_aside_incomplete(workdir)
-    _prepare_dataset_once(config)
+    if jax.process_count() > 1:  # before any other process opens the checkpoints
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('bokeh_jax: incomplete checkpoints set aside')
 
     input_channels = config_checks.input_channels(config)
     order = tuple(config.train.order)
@@ -400,7 +397,7 @@ def _batches(config: ml_collections.ConfigDict, level: int, start: int, batch_si
     out: one input-pipeline iterator per run of unskipped data steps."""
     for first, count in divergence.segments(start, windows):
         batches = input_pipeline.train_iterator(
-            config, level, first, batch_size=batch_size,
+            config.data, config.seed, level, first, batch_size=batch_size,
             num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
             process_count=jax.process_count())
         try:
@@ -534,10 +531,11 @@ def _validate(run: _Run, params: Any, level: int, global_step: int) -> dict:
     config = run.config
     # Identity only: the classical renderer costs seconds per photo, too much at every level.
     tile = int(config.train.val_grid_tile)
-    result = evaluate.evaluate_with_grid(
-        config, params, run.model_meta, config.data.eval_split, level=level,
-        max_images=config.eval.max_images or None, baselines=('identity',),
+    options = evaluate.Options.from_config(
+        config, level=level, baselines=('identity',),
         grid_images=int(config.eval.grid_images) if tile else 0, grid_tile=tile)
+    result = evaluate.evaluate_split(params, run.model_meta, config.data, config.data.eval_split,
+                                     options)
     _log_validation(run.logger, level, global_step, result.summary)
     if result.grid is not None:
         grid = np.asarray(result.grid.convert('RGB'), np.float32) / 255

@@ -177,6 +177,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.render.depth_far_is_bright = False
     config.render.jpeg_quality = 95  # for .jpg/.jpeg outputs
 
+    # Depth for photos without a map (`--mode=depth`, `--mode=render` without --depth;
+    # bokeh_jax/depth_maps.py), with weights imported by `--mode=import_depth`.
+    config.depth = ml_collections.ConfigDict()
+    config.depth.model = 'megadepth'  # the network EBB!'s maps came from (the only one so far)
+    # Network input HxW (multiples of 16) for landscape photos; portrait photos use it turned
+    # (512x384). 384x512 is the MegaDepth demo's, which made EBB!'s maps.
+    config.depth.working_size = '384x512'
+    # Photos per forward pass in folder mode (photos of one orientation share a batch). 1 on CPU:
+    # XLA:CPU gains nothing from batches here (4 ran slower per photo); raise it on a GPU.
+    config.depth.batch_size = 1
+
+    # `--mode=serve` (bokeh_jax/serve.py): a local web page; tiles, pad mode and JPEG quality are
+    # config.render's.
+    config.serve = ml_collections.ConfigDict()
+    config.serve.host = '127.0.0.1'  # this machine only; '0.0.0.0' would open it to the network
+    config.serve.port = 8000  # --port overrides; 0 = any free port (the URL is printed)
+    config.serve.max_pixels = 25_000_000  # largest photo (and depth map) accepted
+    config.serve.max_upload_mb = 100.0  # largest upload, photo and depth map together (MiB)
+    config.serve.preview_side = 1280  # longest side of the images on the page; downloads are full
+    # Uploads kept in memory (the oldest is dropped first); each takes ~10 bytes per pixel.
+    config.serve.max_sessions = 8
+
     # `--mode=bench` (bokeh_jax/bench/harness.py): speed against the TF / PyTorch peers.
     config.bench = ml_collections.ConfigDict()
     config.bench.forward_size = '512x768'  # model input HxW of the forward pass (output is 2x)

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,3 +47,15 @@ def assert_trees_equal(a, b, what: str = '') -> None:
               if not np.array_equal(np.asarray(x), np.asarray(y))]
     total = len(jax.tree.leaves(a))
     assert not differ, f'{what}: {len(differ)} of {total} leaves differ: {differ[:5]}'
+
+
+def random_photo(rng, height, width):
+    """Smooth colour gradients plus noise: uint8 [height, width, 3]."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    base = np.stack([yy, xx, 1 - (xx + yy) / 2], axis=-1) * 200
+    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+
+
+def save_png(path, array):
+    Image.fromarray(array).save(path)
+    return str(path)

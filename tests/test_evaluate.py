@@ -20,13 +20,17 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bokeh_jax import checkpoint
+from bokeh_jax import dataset
+from bokeh_jax import eval_protocol
 from bokeh_jax import evaluate
 from bokeh_jax import image_ops
 from bokeh_jax import input_pipeline
 from bokeh_jax import lpips
 from bokeh_jax import model as model_lib
+from bokeh_jax import reports
 from configs import default
 import helpers
+from tfds_ebb import prepare
 
 CHANNELS = 4
 # Synthetic set: 3 validation scenes of 192 x 256, so that 2 devices see a padding entry, the
@@ -50,6 +54,13 @@ def synthetic_config(data_dir, **eval_fields):
 
 def launch(*args):
     return helpers.launch(*args, check=False)
+
+
+def evaluate_split(config, params, meta, split, **options):
+    """(summary, rows) of evaluate.evaluate_split with the config's options, some replaced."""
+    result = evaluate.evaluate_split(params, meta, config.data, split,
+                                     evaluate.Options.from_config(config, **options))
+    return result.summary, result.rows
 
 
 def save_random_params(workdir, level: int = 1, seed: int = 0, **meta) -> dict:
@@ -85,7 +96,7 @@ def tf_downscale(image: np.ndarray, size) -> np.ndarray:
 def synthetic(tmp_path_factory):
     """A built synthetic_bokeh set, a workdir with random level-1 params, LPIPS weights."""
     root = tmp_path_factory.mktemp('eval_synthetic')
-    input_pipeline.prepare_dataset(synthetic_config(root / 'data'))
+    prepare.prepare_dataset(synthetic_config(root / 'data').data)
     workdir = root / 'work'
     save_random_params(workdir, steps=7)
     rng = np.random.default_rng(0)
@@ -97,7 +108,7 @@ def synthetic(tmp_path_factory):
     lpips_path = str(root / 'lpips_alex.npz')
     np.savez(lpips_path, **arrays)
     builder = tfds.builder_from_directory(
-        str(input_pipeline.dataset_builder(synthetic_config(root / 'data')).data_dir))
+        str(dataset.dataset_builder(synthetic_config(root / 'data').data).data_dir))
     records = builder.as_data_source(
         'validation', decoders={k: tfds.decode.SkipDecoding() for k in ('sharp', 'bokeh', 'depth')})
     photos = [(r['id'].decode(), decode(r['sharp']), decode(r['bokeh'])) for r in records]
@@ -171,8 +182,7 @@ def test_identity_baseline_matches_tensorflow(synthetic, full_run):
 def test_pynet_protocol_cuts_the_border(synthetic, full_run):
     config = synthetic_config(synthetic['data'], protocol='pynet')
     params, meta = checkpoint.load_params(str(synthetic['workdir']))
-    summary, rows = evaluate.evaluate_split(config, params, meta, 'validation',
-                                            baselines=('identity',))
+    summary, rows = evaluate_split(config, params, meta, 'validation', baselines=('identity',))
     assert summary['border'] == 32 and list(summary['baselines']) == ['identity']
     assert len(rows) == 3
     # 192 - 64 = 128 px left: MS-SSIM is undefined, reported absent with a note, never dropped.
@@ -193,8 +203,8 @@ def test_pynet_protocol_cuts_the_border(synthetic, full_run):
 def test_coarser_level_scores_the_downscaled_target(synthetic):
     config = synthetic_config(synthetic['data'], protocol='pynet')
     params, meta = checkpoint.load_params(str(synthetic['workdir']))
-    summary, rows = evaluate.evaluate_split(config, params, meta, 'validation', level=4,
-                                            max_images=2, baselines=('identity',))
+    summary, rows = evaluate_split(config, params, meta, 'validation', level=4, max_images=2,
+                                   baselines=('identity',))
     # Level 4 of a 192 x 256 photo is 24 x 32; the 32-px border becomes 4 px.
     assert summary['level'] == 4 and summary['border'] == 4 and summary['num_images'] == 2
     assert [(r['level_height'], r['level_width']) for r in rows] == [(24, 32)] * 2
@@ -206,9 +216,10 @@ def test_coarser_level_scores_the_downscaled_target(synthetic):
 
     # The pure `evaluate`, pmapped by hand over the pipeline's first batch, gives the same.
     devices = jax.local_device_count()
-    batch = next(input_pipeline.eval_iterator(config, 'validation', num_local_devices=devices))
-    target = np.stack([[evaluate.to_level(t[0], (24, 32), 4)] for t in batch['target']])
-    step = jax.pmap(lambda p, b, lp: evaluate.evaluate(
+    batch = next(input_pipeline.eval_iterator(config.data, 'validation',
+                                              num_local_devices=devices))
+    target = np.stack([[eval_protocol.to_level(t[0], (24, 32), 4)] for t in batch['target']])
+    step = jax.pmap(lambda p, b, lp: eval_protocol.evaluate(
         p, b, lp, model=model_lib.PyNET(CHANNELS), level=4, size=(24, 32), border=4,
         names=('psnr', 'ssim')))
     replicated = jax.tree.map(lambda x: jnp.stack([x] * devices), params)
@@ -248,10 +259,10 @@ def test_images_of_different_sizes_are_each_scored_at_their_own_size(tmp_path):
     config.data.num_workers = 0
     config.eval.protocol = 'full'
     config.eval.baselines = ('identity',)
-    input_pipeline.prepare_dataset(config)
+    prepare.prepare_dataset(config.data)
     params = save_random_params(tmp_path / 'work', seed=1)
-    summary, rows = evaluate.evaluate_split(config, params, {'channels': CHANNELS,
-                                                             'input_channels': 4}, 'val294')
+    summary, rows = evaluate_split(config, params, {'channels': CHANNELS, 'input_channels': 4},
+                                   'val294')
     assert [(r['id'], r['width'], r['level_width']) for r in rows] == [
         ('4400', 192, 192), ('4401', 256, 256), ('4402', 192, 192)]
     # The split is padded to the widest image (input 64 x 128); narrower ones are scored on
@@ -309,7 +320,7 @@ def test_mismatched_params_fail_clearly(synthetic, tmp_path):
     params, meta = checkpoint.load_params(str(synthetic['workdir']))
     with pytest.raises(ValueError, match="take 4 input channels, but config.data.builder_config="
                                          "'rgb' gives 3"):
-        evaluate.evaluate_split(config, params, meta, 'validation')
+        evaluate_split(config, params, meta, 'validation')
 
 
 def test_multi_process_gathers_concatenate_in_process_order(monkeypatch):
@@ -323,8 +334,8 @@ def test_multi_process_gathers_concatenate_in_process_order(monkeypatch):
     monkeypatch.setattr(evaluate.multihost_utils, 'process_allgather', allgather)
     assert evaluate._gather_strings(['a', 'ab', '']) == ['a', 'ab', '', 'b', 'bc', '']
     assert evaluate._step_sizes([(24, 32), evaluate._INVALID]) == [(24, 32), (25, 33)]
-    extremes = evaluate._Extremes(1)
+    extremes = reports.Extremes(1)
     extremes.add(10.0, 'x', np.full((1, 2, 2, 3), 7, np.uint8))
-    merged = extremes.gathered((1, 2, 2, 3))
+    merged = evaluate._gather_extremes(extremes, (1, 2, 2, 3))
     assert [(value, name) for value, name, _ in merged.items] == [(10.0, 'x'), (11.0, 'y')]
     assert merged.items[0][2].max() == 7 and merged.items[1][2].max() == 8

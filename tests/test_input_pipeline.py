@@ -1,4 +1,4 @@
-"""Tests of bokeh_jax/image_ops.py and bokeh_jax/input_pipeline.py on a real (tiny) TFDS build."""
+"""Tests of bokeh_jax/image_ops.py, dataset.py and input_pipeline.py on a real (tiny) TFDS build."""
 
 import io
 import pathlib
@@ -10,9 +10,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from bokeh_jax import dataset
 from bokeh_jax import image_ops
 from bokeh_jax import input_pipeline
 from configs import default
+from tfds_ebb import prepare
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -102,7 +104,7 @@ def data_dir(tmp_path_factory):
     """A tiny synthetic_bokeh (rgbd and rgb) built once for this module: 5 + 3 scenes, 128x192."""
     path = tmp_path_factory.mktemp('tfds')
     for builder_config in ('rgbd', 'rgb'):
-        input_pipeline.prepare_dataset(tiny_config(path, builder_config=builder_config))
+        prepare.prepare_dataset(tiny_config(path, builder_config=builder_config).data)
     return path
 
 
@@ -114,7 +116,8 @@ def take(iterator, n):
 
 def train_batches(config, level=1, start=0, n=3, **kwargs):
     kwargs = {'batch_size': 4, 'num_local_devices': 2} | kwargs
-    return take(input_pipeline.train_iterator(config, level, start, **kwargs), n)
+    return take(input_pipeline.train_iterator(config.data, config.seed, level, start, **kwargs),
+                n)
 
 
 @pytest.mark.parametrize('level', range(1, 8))
@@ -178,7 +181,7 @@ def test_decoded_record_cache_changes_no_bit_and_stays_within_its_bound(data_dir
         for key in ('input', 'target'):
             np.testing.assert_array_equal(a[key], b[key])
     # A bound of two and a half records: the least recently used are evicted, nothing changes.
-    source = input_pipeline._source(config, 'train')
+    source = dataset.source(config.data, 'train')
     plain = input_pipeline._TrainExample(source, 0, 2, 64, True)
     one = input_pipeline._Prepared(input_pipeline._Decoded(source[0], True)).nbytes
     small = input_pipeline._TrainExample(source, 0, 2, 64, True, cache_bytes=int(2.5 * one))
@@ -193,7 +196,7 @@ def test_decoded_record_cache_changes_no_bit_and_stays_within_its_bound(data_dir
 
 def test_epochs_are_seeded_permutations(data_dir):
     config = tiny_config(data_dir)
-    source = input_pipeline._source(config, 'train')
+    source = dataset.source(config.data, 'train')
     make = input_pipeline._TrainExample(source, 0, 3, 64, True)
     orders = [make.permutation(e) for e in range(3)]
     for order in orders:
@@ -202,7 +205,7 @@ def test_epochs_are_seeded_permutations(data_dir):
 
 
 def _record(config, split, index):
-    return input_pipeline._source(config, split)[index]
+    return dataset.source(config.data, split)[index]
 
 
 def _decode(data):
@@ -230,7 +233,7 @@ def test_training_crop_matches_the_whole_image_recipe(data_dir):
 
 def test_batch_size_must_divide(data_dir):
     with pytest.raises(ValueError, match=r'config.train.level1.batch_size.*2 x 2'):
-        input_pipeline.train_iterator(tiny_config(data_dir), 1, 0, batch_size=6,
+        input_pipeline.train_iterator(tiny_config(data_dir).data, 0, 1, 0, batch_size=6,
                                       num_local_devices=2, process_count=2)
 
 
@@ -242,8 +245,9 @@ def test_too_large_crop_names_the_field(data_dir):
 
 def test_eval_covers_the_split_once_in_order_with_equal_steps(data_dir):
     config = tiny_config(data_dir)
-    per_process = [list(input_pipeline.eval_iterator(config, 'validation', num_local_devices=1,
-                                                     process_index=p, process_count=2))
+    per_process = [list(input_pipeline.eval_iterator(config.data, 'validation',
+                                                     num_local_devices=1, process_index=p,
+                                                     process_count=2))
                    for p in range(2)]
     assert [len(batches) for batches in per_process] == [2, 2]  # 3 images, padded to 4
     ids = [b['id'][0, 0] for batches in per_process for b in batches if b['valid'][0, 0]]
@@ -277,8 +281,8 @@ def test_eval_pads_mixed_sizes_by_reflection_to_one_shape(tmp_path):
     config = default.get_config()
     config.data.update({'data_dir': str(tmp_path / 'data'), 'manual_dir': str(tmp_path / 'manual'),
                         'num_workers': 0})
-    input_pipeline.prepare_dataset(config)
-    batches = list(input_pipeline.eval_iterator(config, 'val294', num_local_devices=2))
+    prepare.prepare_dataset(config.data)
+    batches = list(input_pipeline.eval_iterator(config.data, 'val294', num_local_devices=2))
     (batch,) = batches  # the split's largest half size is 35x80 -> every image padded to 64x96
     assert batch['input'].shape == (2, 1, 64, 96, 4)
     assert batch['target'].shape == (2, 1, 128, 192, 3)
@@ -298,13 +302,13 @@ def test_eval_pads_mixed_sizes_by_reflection_to_one_shape(tmp_path):
 def test_prepare_regenerates_a_stale_synthetic_set(tmp_path):
     config = tiny_config(tmp_path, builder_config='rgb')
     config.data.synthetic.update({'num_train': 1, 'num_validation': 1})
-    input_pipeline.prepare_dataset(config)
+    prepare.prepare_dataset(config.data)
     config.data.synthetic.update({'num_validation': 2, 'height': 64})
-    input_pipeline.prepare_dataset(config)  # other settings than on disk: regenerated
-    builder = input_pipeline.dataset_builder(config)
+    prepare.prepare_dataset(config.data)  # other settings than on disk: regenerated
+    builder = dataset.dataset_builder(config.data)
     assert builder.info.metadata['height'] == 64
     assert builder.info.splits['validation'].num_examples == 2
-    (batch,) = list(input_pipeline.eval_iterator(config, 'validation', num_local_devices=2))
+    (batch,) = list(input_pipeline.eval_iterator(config.data, 'validation', num_local_devices=2))
     assert batch['input'].shape == (2, 1, 32, 96, 3)
 
 
@@ -314,12 +318,13 @@ def test_concurrent_prepare_builds_once(tmp_path):
 import sys
 sys.path.insert(0, {str(REPO)!r})
 from configs import default
-from bokeh_jax import input_pipeline
+from bokeh_jax import dataset
+from tfds_ebb import prepare
 config = default.get_config('tiny')
 config.data.data_dir = {str(tmp_path)!r}
 config.data.synthetic.update({{'num_train': 2, 'num_validation': 1}})
-input_pipeline.prepare_dataset(config)
-print('SPLITS', input_pipeline.dataset_builder(config).info.splits['train'].num_examples)
+prepare.prepare_dataset(config.data)
+print('SPLITS', dataset.dataset_builder(config.data).info.splits['train'].num_examples)
 '''
     runs = [subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -333,7 +338,7 @@ def test_prepare_ebb_without_manual_dir_explains(tmp_path):
     config = default.get_config()
     config.data.data_dir = str(tmp_path)
     with pytest.raises(ValueError, match=r'manual_dir is empty(.|\n)*Training/original'):
-        input_pipeline.prepare_dataset(config)
+        prepare.prepare_dataset(config.data)
 
 
 def test_pipeline_does_not_import_tensorflow(data_dir):
@@ -342,13 +347,15 @@ import sys
 sys.path.insert(0, {str(REPO)!r})
 from configs import default
 from bokeh_jax import input_pipeline
+from tfds_ebb import prepare
 config = default.get_config('tiny')
 config.data.data_dir = {str(data_dir)!r}
 config.data.synthetic.update({{'num_train': 5, 'num_validation': 3}})
-input_pipeline.prepare_dataset(config)
-it = input_pipeline.train_iterator(config, 1, 0, batch_size=2, num_local_devices=1)
+prepare.prepare_dataset(config.data)
+it = input_pipeline.train_iterator(config.data, config.seed, 1, 0, batch_size=2,
+                                   num_local_devices=1)
 next(it)
-next(input_pipeline.eval_iterator(config, 'validation', num_local_devices=1))
+next(input_pipeline.eval_iterator(config.data, 'validation', num_local_devices=1))
 loaded = sorted(m for m in sys.modules if m == 'tensorflow' or m.startswith('tensorflow.'))
 print('TF_MODULES', loaded)
 '''

@@ -11,6 +11,7 @@ from bokeh_jax import model as model_lib
 from bokeh_jax.training import multihost
 from bokeh_jax.training import optimizer as optimizer_lib
 from configs import default
+from tfds_ebb import prepare
 
 LEVEL, STEPS = 6, 20
 
@@ -20,7 +21,7 @@ def config(tmp_path_factory):
     config = default.get_config('tiny')
     config.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
     config.train[f'level{LEVEL}'].learning_rate = 3e-3
-    input_pipeline.prepare_dataset(config)
+    prepare.prepare_dataset(config.data)
     return config
 
 
@@ -31,7 +32,7 @@ def _train(config, dtype: str):
     state = multihost.replicate(
         train.TrainState(step=np.int32(0), params=params, opt_state=tx.init(params)))
     step = jax.pmap(train.make_train_step(model, LEVEL, {'mae': 100.0}, tx), axis_name=train.AXIS)
-    batches = input_pipeline.train_iterator(config, LEVEL, 0, batch_size=2,
+    batches = input_pipeline.train_iterator(config.data, config.seed, LEVEL, 0, batch_size=2,
                                             num_local_devices=jax.local_device_count())
     batch = next(batches)  # one batch again and again: a falling curve without sampling noise
     batches.close()

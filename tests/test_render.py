@@ -1,4 +1,4 @@
-"""Full-resolution rendering: exact tiling, preprocessing, file handling, `launch.py --mode=render`.
+"""Full-resolution rendering: exact tiling, preprocessing, job planning, `launch.py --mode=render`.
 
 Tiny models (width 4). Photos whose half-resolution size pads to 64x64 share one compilation.
 """
@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 import helpers
-from bokeh_jax import checkpoint, image_ops, render
+from bokeh_jax import checkpoint, image_io, image_ops, render, render_jobs
 from bokeh_jax import model as model_lib
 from configs import default
+from helpers import random_photo, save_png
 
 CHANNELS = 4
 TINY_MAX_TILE = default.get_config('tiny').render.max_tile
@@ -45,18 +46,6 @@ def workdir(tmp_path_factory, params):
     path = str(tmp_path_factory.mktemp('work'))
     checkpoint.save_params(path, 1, params, {'channels': CHANNELS, 'input_channels': 4})
     return path
-
-
-def random_photo(rng, height, width):
-    """Smooth colour gradients plus noise: uint8 [height, width, 3]."""
-    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
-    base = np.stack([yy, xx, 1 - (xx + yy) / 2], axis=-1) * 200
-    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-
-
-def save_png(path, array):
-    Image.fromarray(array).save(path)
-    return str(path)
 
 
 # ---- exact tiling ----------------------------------------------------------------------------
@@ -217,95 +206,25 @@ def test_model_input_rejects_bad_depth_and_photos():
         render.render_model_input({}, x, (64, 64), channels=CHANNELS, max_tile=100)
 
 
-# ---- reading and writing files ---------------------------------------------------------------
-
-
-def test_read_photo_modes(tmp_path):
-    rng = np.random.default_rng(6)
-    rgb = random_photo(rng, 30, 41)
-    # Grayscale, 8 and 16 bit: repeated on three channels.
-    gray = rgb[..., 0]
-    np.testing.assert_array_equal(
-        render.read_photo(save_png(tmp_path / 'g.png', gray)), np.stack([gray] * 3, -1)
-    )
-    gray16 = rng.integers(0, 65536, (30, 41)).astype(np.uint16)
-    got = render.read_photo(save_png(tmp_path / 'g16.png', gray16))
-    np.testing.assert_array_equal(got[..., 1], np.round(gray16 / 65535 * 255).astype(np.uint8))
-    # RGBA: composited over white.
-    alpha = rng.integers(0, 256, (30, 41, 1)).astype(np.uint8)
-    got = render.read_photo(save_png(tmp_path / 'a.png', np.concatenate([rgb, alpha], -1)))
-    expected = rgb * (alpha / 255) + 255 * (1 - alpha / 255)
-    assert got.dtype == np.uint8 and np.abs(got - expected).max() <= 0.5 + 1e-9
-    # EXIF orientation 6: the stored pixels are shown rotated 90 degrees clockwise.
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(rgb).save(tmp_path / 'r.jpg', quality=95, exif=exif)
-    stored = np.asarray(Image.open(tmp_path / 'r.jpg').convert('RGB'))
-    got = render.read_photo(str(tmp_path / 'r.jpg'))
-    assert got.shape == (41, 30, 3)
-    np.testing.assert_array_equal(got, np.rot90(stored, k=-1))
-    # Unreadable: garbage and a truncated JPEG name themselves.
-    (tmp_path / 'bad.jpg').write_bytes(b'not an image')
-    with pytest.raises(render.RenderError, match='bad.jpg: cannot read'):
-        render.read_photo(str(tmp_path / 'bad.jpg'))
-    data = (tmp_path / 'r.jpg').read_bytes()
-    (tmp_path / 'cut.jpg').write_bytes(data[: len(data) // 2])
-    with pytest.raises(render.RenderError, match='cut.jpg: cannot read'):
-        render.read_photo(str(tmp_path / 'cut.jpg'))
-
-
-def test_read_depth_formats(tmp_path):
-    rng = np.random.default_rng(7)
-    d16 = rng.integers(0, 65536, (20, 30)).astype(np.uint16)
-    np.testing.assert_array_equal(render.read_depth(save_png(tmp_path / 'd16.png', d16)), d16)
-    d8 = d16.astype(np.uint8)
-    as_rgb = save_png(tmp_path / 'rgb.png', np.stack([d8] * 3, -1))
-    np.testing.assert_array_equal(render.read_depth(as_rgb), d8)
-    colour = np.stack([d8, d8, 255 - d8], -1)
-    with pytest.raises(render.RenderError, match='colour.png: .*colour'):
-        render.read_depth(save_png(tmp_path / 'colour.png', colour))
-    np.save(tmp_path / 'd.npy', d16.astype(np.float64) / 7)
-    np.testing.assert_allclose(render.read_depth(str(tmp_path / 'd.npy')), d16 / 7, rtol=1e-6)
-    np.save(tmp_path / 'nan.npy', np.full((4, 4), np.nan))
-    with pytest.raises(render.RenderError, match='nan.npy: .*NaN'):
-        render.read_depth(str(tmp_path / 'nan.npy'))
-    np.save(tmp_path / 'cube.npy', np.zeros((4, 4, 3)))
-    with pytest.raises(render.RenderError, match=r'cube.npy: .*\[h, w\]'):
-        render.read_depth(str(tmp_path / 'cube.npy'))
-
-
-def test_save_image_format_from_extension(tmp_path):
-    image = random_photo(np.random.default_rng(8), 20, 30) / np.float32(255)
-    render.save_image(str(tmp_path / 'x.png'), image)
-    np.testing.assert_array_equal(
-        np.asarray(Image.open(tmp_path / 'x.png')), np.round(image * 255).astype(np.uint8)
-    )
-    render.save_image(str(tmp_path / 'x.JPG'), image)
-    assert Image.open(tmp_path / 'x.JPG').format == 'JPEG'
-    with pytest.raises(render.RenderError, match=r"x.xyz: unknown output image format '.xyz'"):
-        render.save_image(str(tmp_path / 'x.xyz'), image)
-    assert sorted(os.listdir(tmp_path)) == ['x.JPG', 'x.png']  # no partial files left
-
-
 def test_plan_jobs_pairs_files_and_refuses_bad_arguments(tmp_path):
     photos, depths, out = tmp_path / 'in', tmp_path / 'depth', tmp_path / 'out'
     photos.mkdir()
     depths.mkdir()
     for name in ('a.jpg', 'b.PNG', 'notes.txt'):
         (photos / name).write_bytes(b'')
-    jobs = render.plan_jobs(str(photos), str(depths), str(out), input_channels=4)
+    jobs = render_jobs.plan_jobs(str(photos), str(depths), str(out), input_channels=4)
     assert jobs == [
-        render.Job(str(photos / 'a.jpg'), str(depths / 'a.png'), str(out / 'a.jpg')),
-        render.Job(str(photos / 'b.PNG'), str(depths / 'b.png'), str(out / 'b.PNG')),
+        render_jobs.Job(str(photos / 'a.jpg'), str(depths / 'a.png'), str(out / 'a.jpg')),
+        render_jobs.Job(str(photos / 'b.PNG'), str(depths / 'b.png'), str(out / 'b.PNG')),
     ]
     one = str(photos / 'a.jpg')
-    assert render.plan_jobs(one, None, str(tmp_path / 'o.png'), input_channels=3) == [
-        render.Job(one, None, str(tmp_path / 'o.png'))
+    assert render_jobs.plan_jobs(one, None, str(tmp_path / 'o.png'), input_channels=3) == [
+        render_jobs.Job(one, None, str(tmp_path / 'o.png'))
     ]
 
     def fails(match, *args, input_channels=4, **kwargs):
-        with pytest.raises(render.RenderError, match=match):
-            render.plan_jobs(*args, input_channels=input_channels, **kwargs)
+        with pytest.raises(render_jobs.RenderError, match=match):
+            render_jobs.plan_jobs(*args, input_channels=input_channels, **kwargs)
 
     fails('no depth map was given', one, None, str(out))
     fails('RGB-only', one, str(depths), str(out), input_channels=3)
@@ -322,7 +241,7 @@ def test_plan_jobs_pairs_files_and_refuses_bad_arguments(tmp_path):
     )
     (tmp_path / 'o.png').write_bytes(b'keep')
     fails('already exist.*--overwrite', one, None, str(tmp_path / 'o.png'), input_channels=3)
-    render.plan_jobs(one, None, str(tmp_path / 'o.png'), input_channels=3, overwrite=True)
+    render_jobs.plan_jobs(one, None, str(tmp_path / 'o.png'), input_channels=3, overwrite=True)
     (depths / 'x').mkdir()
     fails('no .jpg/.jpeg/.png photos', str(depths), None, str(out), input_channels=3)
 
@@ -384,8 +303,8 @@ def test_launch_renders_a_folder_and_lists_failures(tmp_path, params, workdir):
     # The file is the library's render of the same photo and depth, rounded to 8 bits.
     expected = render.render_full_resolution(
         params,
-        render.read_photo(str(photos / 'a.png')),
-        render.read_depth(str(depths / 'a.png')),
+        image_io.read_photo(str(photos / 'a.png')),
+        image_io.read_depth(str(depths / 'a.png')),
         max_tile=TINY_MAX_TILE,
     )
     got = np.asarray(Image.open(out / 'a.png'), np.float32)
@@ -412,7 +331,7 @@ def test_render_paths_single_photo_with_overwrite(tmp_path, workdir):
     output = tmp_path / 'p_bokeh.jpg'
     output.write_bytes(b'old')
     config = default.get_config('tiny')
-    render.render_paths(config, workdir, photo, depth, str(output), overwrite=True)
+    render_jobs.render_paths(config, workdir, photo, depth, str(output), overwrite=True)
     with Image.open(output) as image:
         assert image.format == 'JPEG' and image.size == (97, 81)
 
@@ -423,11 +342,11 @@ def test_render_paths_refuses_bad_config_and_workdirs(tmp_path, params):
     args = (photo, None, str(tmp_path / 'o.png'))
     with config.unlocked():
         config.render.max_tile = 100
-    with pytest.raises(render.RenderError, match='config.render.max_tile'):
-        render.render_paths(config, str(tmp_path), *args)
+    with pytest.raises(render_jobs.RenderError, match='config.render.max_tile'):
+        render_jobs.render_paths(config, str(tmp_path), *args)
     config = default.get_config('tiny')
-    with pytest.raises(render.RenderError, match='No trained parameters'):
-        render.render_paths(config, str(tmp_path / 'empty'), *args)
+    with pytest.raises(render_jobs.RenderError, match='No trained parameters'):
+        render_jobs.render_paths(config, str(tmp_path / 'empty'), *args)
     checkpoint.save_params(str(tmp_path), 3, params, {'channels': CHANNELS, 'input_channels': 4})
-    with pytest.raises(render.RenderError, match='of level 3; rendering needs level 1'):
-        render.render_paths(config, str(tmp_path), *args)
+    with pytest.raises(render_jobs.RenderError, match='of level 3; rendering needs level 1'):
+        render_jobs.render_paths(config, str(tmp_path), *args)

@@ -21,6 +21,7 @@ from bokeh_jax.training import multihost
 from bokeh_jax.training import optimizer as optimizer_lib
 from bokeh_jax import model as model_lib
 from configs import default
+from tfds_ebb import prepare
 from helpers import ROOT, assert_trees_equal, launch, launch_command, launch_env
 
 
@@ -39,7 +40,7 @@ def tiny_config(data_dir: str, **overrides):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('tfds'))
-    input_pipeline.prepare_dataset(tiny_config(path))
+    prepare.prepare_dataset(tiny_config(path).data)
     return path
 
 
@@ -200,8 +201,8 @@ def test_nan_between_log_steps_stops_before_the_next_checkpoint(tmp_path, data_d
     one of step 5 holds finite parameters."""
     real = input_pipeline.train_iterator
 
-    def poisoned(config, level, start, **kwargs):
-        for step, batch in enumerate(real(config, level, start, **kwargs), start):
+    def poisoned(data, seed, level, start, **kwargs):
+        for step, batch in enumerate(real(data, seed, level, start, **kwargs), start):
             if step == 7:
                 batch = {**batch, 'input': np.full_like(batch['input'], np.nan)}
             yield batch
@@ -230,8 +231,8 @@ def _poison(monkeypatch, data_steps):
     """The input pipeline serves NaN inputs at these data steps."""
     real = input_pipeline.train_iterator
 
-    def poisoned(config, level, start, **kwargs):
-        for step, batch in enumerate(real(config, level, start, **kwargs), start):
+    def poisoned(data, seed, level, start, **kwargs):
+        for step, batch in enumerate(real(data, seed, level, start, **kwargs), start):
             if step in data_steps:
                 batch = {**batch, 'input': np.full_like(batch['input'], np.nan)}
             yield batch

@@ -82,7 +82,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     if not isinstance(crop, int) or crop <= 0 or crop % model_lib.SIZE_MULTIPLE:
         raise UserError(f'config.data.crop_size must be a positive multiple of '
                          f'{model_lib.SIZE_MULTIPLE}, got {crop!r}')
-    input_pipeline.cache_bytes(config)  # checks config.data.cache_mb
+    input_pipeline.cache_bytes(config.data)  # checks config.data.cache_mb
     validate_model_config(config)
     _check_choice(config.train.level1_start, LEVEL1_STARTS, 'config.train.level1_start')
     _check_trainable(config.train.trainable, 'config.train.trainable')

@@ -61,7 +61,7 @@ EBB! cannot be downloaded automatically. Put it into `manual_dir` (`--manual_dir
      DIR/Training/original_depth/<i>.png   depth maps (config `rgbd` only; see below), or any
        folder given by the builder argument `depth_dir` (absolute, or relative to DIR):
        tfds.builder('ebb', config='rgbd', depth_dir='/x'), config.data.depth_dir, or
-       PYTHONPATH=. tfds build ebb/rgbd/depth_dir=/x --imports=tfds_ebb --manual_dir=DIR
+       tfds build ebb/rgbd/depth_dir=/x --imports=tfds_ebb --manual_dir=DIR (project installed)
 
 2. The layout of the original PyNET-Bokeh code:
      DIR/train/{original,bokeh,original_depth}/<i>.jpg|png   (ids 0..4693 as above)

@@ -10,25 +10,21 @@ Splits: `train` and `validation`.
 Size and seed are builder arguments (the fields of `Generation`), e.g. from Python
 `tfds.builder('synthetic_bokeh', config='rgbd', num_train=1000, seed=1)`, from the config
 (`config.data.synthetic`), or the command line (tfds_ebb/README.md):
-`PYTHONPATH=. tfds build synthetic_bokeh/rgbd/num_train=1000,seed=1 --imports=tfds_ebb`.
+`tfds build synthetic_bokeh/rgbd/num_train=1000,seed=1 --imports=tfds_ebb`.
 Scene i of a split depends only on (seed, split, i). The generation parameters are stored in the
 dataset's metadata (`metadata.json`) so that a reader can tell which set is on disk.
 """
 
 import dataclasses
 import io
-import pathlib
-import sys
 
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-try:
-    from bokeh_jax import image_ops
-except ImportError:  # loaded by path (`tfds build tfds_ebb/synthetic_bokeh`): add the checkout
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-    from bokeh_jax import image_ops
+# bokeh_jax is an installed package (`pip install -e .`), also when `tfds build` loads this file
+# by path.
+from bokeh_jax import image_ops
 from . import scenes
 
 _SPLIT_CODES = {'train': 0, 'validation': 1}

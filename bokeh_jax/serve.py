@@ -1,0 +1,693 @@
+"""A local web page for bokeh rendering (`launch.py --mode=serve`): drop a photo, compare, download.
+
+The page (bokeh_jax/serve_page/) uploads a photo and optionally its depth map, and shows side by
+side: the photo, the depth map used, the PyNET render of WORKDIR's level-1 parameters (full
+resolution, `render.render_full_resolution`, tiled) and the classical thin-lens render
+(`classical.render_bokeh`) whose focus is a click on the photo and whose blur is a slider. A
+before/after slider compares either render with the photo; both download at full resolution as
+PNG or JPEG with the photo's EXIF (orientation reset, since the pixels are stored upright).
+
+Served by the standard library (`http.server.ThreadingHTTPServer`); docs/serve.md says why not
+Gradio. One process holds the parameters once; each compiled shape is reused (render.py caches its
+jitted functions). Every upload is a session under a random id: its photo, depth map and results
+live only there, so concurrent users never see each other's images. Renders run on two worker
+threads, one for JAX (depth estimation and PyNET, one job at a time) and one for the classical
+renderer, so a request thread never runs a render and two renders never share the model at once.
+
+HTTP API (JSON unless an image; errors are {"error": message} with status 4xx/5xx):
+  GET  /api/info                           model, limits, whether depth can be estimated
+  POST /api/sessions?photo_name=N&photo_bytes=K[&depth_name=M]
+                                           body: the photo's K bytes, then the depth map's bytes
+  GET  /api/sessions/ID                    state and progress of the depth map and both renders
+  POST /api/sessions/ID/classical          {"x": 0..1 | null, "y": 0..1 | null, "strength": s}
+  GET  /api/sessions/ID/image/WHAT[?size=full&format=png|jpeg&download=1]
+                                           WHAT: input, depth, pynet or classical
+"""
+
+from collections.abc import Callable
+import concurrent.futures
+import dataclasses
+import http.server
+import io
+import json
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+from typing import Any
+import urllib.parse
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from PIL import ExifTags, Image
+
+from bokeh_jax import checkpoint
+from bokeh_jax import classical
+from bokeh_jax import errors
+from bokeh_jax import image_io
+from bokeh_jax import image_ops
+from bokeh_jax import render
+
+# A depth estimator: photo uint8 [H, W, 3] -> depth map [h, w] of it (any resolution with the
+# photo's aspect ratio, any real dtype, near = bright), or None when it cannot make one.
+DepthEstimator = Callable[[np.ndarray], np.ndarray | None]
+
+PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve_page')
+PAGE_FILES = {'/': 'index.html', '/app.js': 'app.js', '/style.css': 'style.css'}
+CONTENT_TYPES = {'.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8',
+                 '.css': 'text/css; charset=utf-8'}
+# Formats of uploaded photos, as Pillow names them (MPO: the JPEG variant of some phone cameras).
+PHOTO_FORMATS = ('JPEG', 'MPO', 'PNG')
+IMAGES = ('input', 'depth', 'pynet', 'classical')
+# Classical blur strength accepted from the page (disc diameter per unit of disparity / height).
+MAX_STRENGTH = 0.3
+# Radius of the focus window around a clicked point, as a fraction of the depth map's longer side:
+# the median over a few pixels keeps a click on an edge from picking a stray value.
+FOCUS_WINDOW = 0.01
+_SESSION_PATH = re.compile(r'^/api/sessions/([A-Za-z0-9_-]{16,64})(/classical|/image/(\w+))?$')
+
+
+class UserError(errors.UserError):
+    """A problem with what the user sent; the message is shown on the page as it is, with an
+    HTTP status."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def depth_estimator(config: ml_collections.ConfigDict, workdir: str) -> DepthEstimator | None:
+    """MegaDepth with the weights imported into `workdir` (`--mode=import_depth`), or None when
+    it has none: the page then asks for a depth map when the model takes one."""
+    from bokeh_jax import depth_maps
+
+    try:
+        return depth_maps.load_estimator(config, workdir)
+    except depth_maps.DepthError as e:
+        logging.info('No depth estimator: %s', e)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding uploads.
+# ----------------------------------------------------------------------------------------------
+
+
+def _safe_name(name: str, default: str) -> str:
+    """The base name of an uploaded file, reduced to characters safe in a path and a header."""
+    name = re.sub(r'[^A-Za-z0-9._ -]', '_', os.path.basename(name or ''))[:100].strip(' .')
+    return name or default
+
+
+def _megapixels(pixels: int) -> str:
+    return f'{pixels / 1e6:.3g} megapixels'
+
+
+def _with_name(error: Exception, path: str, name: str) -> str:
+    """image_io's messages name the temporary file the upload was read from: name the upload."""
+    return str(error).replace(path, name)
+
+
+def decode_photo(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, bytes | None]:
+    """An uploaded photo -> (uint8 [H, W, 3] upright, EXIF bytes with orientation reset or None).
+
+    Decoded by `image_io.read_photo`, like --mode=render (EXIF orientation applied, grayscale and
+    alpha handled). Raises UserError naming `name` for anything but a readable JPEG or PNG of at
+    least 2x2 and at most `max_pixels` pixels; the size is checked from the header, before decoding.
+    """
+    if not data:
+        raise UserError(f'{name}: the file is empty')
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format, image.size
+            exif = image.getexif()
+    except Image.DecompressionBombError:
+        raise UserError(f'{name}: the image is far too large (over {_megapixels(max_pixels)})'
+                        ) from None
+    except Exception:  # Pillow raises many types on files it does not recognise
+        raise UserError(f'{name}: not an image (expected a JPEG or PNG photo)') from None
+    if fmt not in PHOTO_FORMATS:
+        raise UserError(f'{name}: a {fmt} image; expected a JPEG or PNG photo')
+    if width * height > max_pixels:
+        raise UserError(
+            f'{name}: {width}x{height} is {_megapixels(width * height)}; this server takes at most '
+            f'{_megapixels(max_pixels)} (config.serve.max_pixels)')
+    if min(width, height) < 2:
+        raise UserError(f'{name}: {width}x{height}; a photo must be at least 2x2 pixels')
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, name)
+        with open(path, 'wb') as f:
+            f.write(data)
+        try:
+            photo = image_io.read_photo(path)  # e.g. a truncated file fails here
+        except image_io.ImageFileError as e:
+            raise UserError(_with_name(e, path, name)) from None
+    if ExifTags.Base.Orientation in exif:
+        exif[ExifTags.Base.Orientation] = 1  # the pixels are upright now
+    return photo, (exif.tobytes() if len(exif) else None)
+
+
+def decode_depth(data: bytes, name: str, photo_hw: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """An uploaded depth map (grayscale PNG 8/16-bit or .npy, near = bright) -> float32 [h, w].
+
+    Raises UserError naming `name` when it cannot be read or its aspect ratio is not the photo's.
+    """
+    if not data:
+        raise UserError(f'{name}: the depth file is empty')
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, name)
+        with open(path, 'wb') as f:
+            f.write(data)
+        if not name.lower().endswith('.npy'):
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except Exception:  # unrecognised file: read_depth words it
+                width = height = 0
+            if width * height > max_pixels:
+                raise UserError(f'{name}: the depth map is {width}x{height}, over '
+                                f'{_megapixels(max_pixels)} (config.serve.max_pixels)')
+        try:
+            depth = image_io.read_depth(path)
+        except image_io.ImageFileError as e:
+            raise UserError(_with_name(e, path, name)) from None
+    try:
+        render.check_depth_aspect(depth.shape, photo_hw)
+    except ValueError as e:
+        raise UserError(f'{name}: {e}') from None
+    return depth
+
+
+def focus_at(depth: np.ndarray, x: float, y: float) -> float:
+    """Disparity in [0, 1] around the point (x, y) (fractions of width and height) of a uint8
+    near = bright depth map: the median over a small window, for `classical.render_bokeh`."""
+    h, w = depth.shape
+    r = max(1, round(FOCUS_WINDOW * max(h, w)))
+    row, col = min(int(y * h), h - 1), min(int(x * w), w - 1)
+    window = depth[max(row - r, 0):row + r + 1, max(col - r, 0):col + r + 1]
+    return float(np.median(window)) / 255
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding images.
+# ----------------------------------------------------------------------------------------------
+
+
+def fit_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """(h, w) no larger than `side` on the longer side, keeping the aspect ratio; never upscaled."""
+    scale = min(1.0, side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def encode(image: np.ndarray, fmt: str, *, size: tuple[int, int] | None = None,
+           exif: bytes | None = None, jpeg_quality: int = 95) -> bytes:
+    """uint8 [H, W, 3] or [H, W] -> PNG or JPEG bytes, resized to `size` (h, w) when given."""
+    picture = Image.fromarray(image)
+    if size is not None and size != image.shape[:2]:
+        picture = picture.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    options: dict[str, Any] = {'exif': exif} if exif else {}
+    if fmt == 'JPEG':
+        options['quality'] = int(jpeg_quality)
+    out = io.BytesIO()
+    picture.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """float [H, W, 3] in [0, 1] -> uint8, rounded as `image_io.save_image` writes it."""
+    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sessions and renders.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    """One render of a session: state is 'waiting' (for the depth map), 'queued', 'running',
+    'done', 'error' or 'unavailable' (with `message` saying why)."""
+
+    state: str = 'queued'
+    stage: str = ''
+    progress: float = 0.0  # fraction of the render done, for the progress bar
+    message: str = ''
+    seconds: float = 0.0
+    started: float = 0.0
+    version: int = 0  # classical: bumped by every new focus/strength request
+    image: np.ndarray | None = None  # uint8 [H, W, 3]
+    image_version: int = 0  # the version `image` was rendered for
+    settings: dict = dataclasses.field(default_factory=dict)
+
+    def status(self) -> dict:
+        elapsed = time.monotonic() - self.started if self.state == 'running' else self.seconds
+        return {'state': self.state, 'stage': self.stage, 'progress': round(self.progress, 3),
+                'message': self.message, 'seconds': round(elapsed, 1), 'version': self.version,
+                'image_version': self.image_version, 'ready': self.image is not None,
+                **self.settings}
+
+
+@dataclasses.dataclass
+class Session:
+    """One uploaded photo and everything derived from it; fields change under `App.lock`."""
+
+    id: str
+    name: str  # the upload's file name, for messages and download names
+    photo: np.ndarray  # uint8 [H, W, 3], upright
+    exif: bytes | None
+    depth_map: np.ndarray | None  # as uploaded or estimated, [h, w]; None: none (yet)
+    depth_source: str  # 'uploaded', 'estimating', 'estimated', or 'none'
+    depth: np.ndarray | None = None  # uint8 [H // 2, W // 2], near = bright: the map shown/used
+    pynet: Result = dataclasses.field(default_factory=Result)
+    classical: Result = dataclasses.field(default_factory=Result)
+    notes: list = dataclasses.field(default_factory=list)  # shown on the page
+
+
+class App:
+    """The server's state: the model (loaded once), the sessions and the two render workers."""
+
+    def __init__(self, config: ml_collections.ConfigDict, params: Any, meta: dict,
+                 estimate_depth: DepthEstimator | None = None, *, workdir: str = ''):
+        self.config = config
+        self.params = jax.device_put(params)
+        self.meta = meta
+        self.workdir = workdir
+        self.estimate_depth = estimate_depth
+        self.input_channels = int(meta['input_channels'])
+        self.lock = threading.Lock()
+        self.sessions: dict[str, Session] = {}  # insertion order = age: the oldest goes first
+        self.compiled: set[tuple[int, ...]] = set()
+        # One thread per engine: JAX (depth estimation + PyNET) and the classical renderer.
+        self.model_worker = concurrent.futures.ThreadPoolExecutor(1, 'serve-model')
+        self.classical_worker = concurrent.futures.ThreadPoolExecutor(1, 'serve-classical')
+
+    def close(self) -> None:
+        self.model_worker.shutdown(wait=False, cancel_futures=True)
+        self.classical_worker.shutdown(wait=False, cancel_futures=True)
+
+    # ---- what the page asks ------------------------------------------------------------------
+
+    def info(self) -> dict:
+        cfg = self.config.serve
+        return {
+            'channels': int(self.meta['channels']),
+            'input_channels': self.input_channels,
+            'needs_depth': self.input_channels == 4,
+            'can_estimate_depth': self.estimate_depth is not None,
+            'source': str(self.meta.get('source', '')),
+            'workdir': self.workdir,
+            'max_pixels': int(cfg.max_pixels),
+            'max_upload_bytes': int(cfg.max_upload_mb * 2**20),
+            'default_strength': classical.DEFAULT_STRENGTH,
+            'max_strength': MAX_STRENGTH,
+        }
+
+    def session(self, session_id: str) -> Session:
+        with self.lock:
+            found = self.sessions.get(session_id)
+        if found is None:
+            raise UserError('this photo is no longer on the server (it was replaced by newer '
+                            'uploads or the server restarted): upload it again', status=404)
+        return found
+
+    def create_session(self, photo_data: bytes, photo_name: str, depth_data: bytes | None,
+                       depth_name: str) -> Session:
+        """Decodes and checks an upload, stores it and queues its renders; raises UserError."""
+        cfg = self.config.serve
+        photo_name = _safe_name(photo_name, 'photo')
+        photo, exif = decode_photo(photo_data, photo_name, cfg.max_pixels)
+        depth_map, source, notes = None, 'none', []
+        if depth_data is not None:
+            depth_map = decode_depth(depth_data, _safe_name(depth_name, 'depth'),
+                                     photo.shape[:2], cfg.max_pixels)
+            source = 'uploaded'
+            if self.input_channels == 3:
+                notes.append('This PyNET model takes no depth (RGB only): the depth map is used '
+                             'by the classical render only.')
+        elif self.estimate_depth is not None:
+            source = 'estimating'
+        elif self.input_channels == 4:
+            raise UserError(
+                'This PyNET model takes RGB + depth, and no depth map was given. Add the photo\'s '
+                'depth map (grayscale PNG, 8 or 16 bit, near = bright, any resolution with the '
+                'photo\'s aspect ratio, or a .npy array): there are no MegaDepth weights in the '
+                'workdir to estimate one.')
+        else:
+            notes.append('No depth map: the classical render needs one (upload it with the '
+                         'photo); the PyNET model here takes RGB only.')
+        item = Session(secrets.token_urlsafe(16), photo_name, photo, exif, depth_map, source,
+                       notes=notes)
+        if depth_map is not None:
+            item.depth = image_ops.normalize_depth(depth_map, photo.shape[:2])
+        if source == 'none':
+            item.classical.state = 'unavailable'
+            item.classical.message = 'needs a depth map: upload one with the photo'
+        elif source == 'estimating':
+            item.classical.state = 'waiting'
+        item.classical.settings = {'strength': classical.DEFAULT_STRENGTH, 'focus': None,
+                                   'point': None}
+        with self.lock:
+            self.sessions[item.id] = item
+            while len(self.sessions) > max(1, cfg.max_sessions):
+                del self.sessions[next(iter(self.sessions))]
+        self.model_worker.submit(self._run_model, item)
+        if item.depth is not None:
+            self.request_classical(item, None, None, classical.DEFAULT_STRENGTH)
+        return item
+
+    def status(self, item: Session) -> dict:
+        h, w = item.photo.shape[:2]
+        with self.lock:
+            return {'id': item.id, 'name': item.name, 'width': w, 'height': h,
+                    'depth': {'source': item.depth_source, 'ready': item.depth is not None},
+                    'notes': list(item.notes),
+                    'pynet': item.pynet.status(), 'classical': item.classical.status()}
+
+    def request_classical(self, item: Session, x: float | None, y: float | None,
+                          strength: float) -> int:
+        """Queues a classical render focused at (x, y) (fractions; None = auto focus)."""
+        if not 0 <= strength <= MAX_STRENGTH:
+            raise UserError(f'blur strength must lie in 0..{MAX_STRENGTH}; got {strength}')
+        if (x is None) != (y is None) or (x is not None and not (0 <= x <= 1 and 0 <= y <= 1)):
+            raise UserError(f'the focus point must be two fractions in 0..1; got ({x}, {y})')
+        with self.lock:
+            if item.depth is None:
+                raise UserError('the classical render needs a depth map, which this photo does '
+                                'not have (yet)', status=409)
+            focus = (classical.auto_focus(item.depth.astype(np.float32) / 255) if x is None
+                     else focus_at(item.depth, x, y))
+            result = item.classical
+            result.version += 1
+            result.state, result.stage, result.message = 'queued', '', ''
+            result.settings = {'strength': strength, 'focus': round(focus, 4),
+                               'point': None if x is None else [x, y]}
+            version = result.version
+        self.classical_worker.submit(self._run_classical, item, version, focus, strength)
+        return version
+
+    def image(self, item: Session, what: str) -> tuple[np.ndarray, bool]:
+        """(uint8 image, keeps EXIF) of `what`; the depth map is shown at the photo's size."""
+        with self.lock:
+            image = {'input': item.photo, 'depth': item.depth, 'pynet': item.pynet.image,
+                     'classical': item.classical.image}[what]
+        if image is None:
+            raise UserError(f'the {what} image is not ready', status=409)
+        return image, what != 'depth'
+
+    # ---- the workers -------------------------------------------------------------------------
+
+    def _set(self, result: Result, **fields) -> None:
+        with self.lock:
+            for key, value in fields.items():
+                setattr(result, key, value)
+
+    def _run_model(self, item: Session) -> None:
+        """Model worker: the depth estimate when needed, then the PyNET render."""
+        result = item.pynet
+        with self.lock:
+            if item.id not in self.sessions:  # dropped for newer uploads while it waited
+                result.state, result.message = 'error', 'dropped for newer uploads'
+                return
+        self._set(result, state='running', started=time.monotonic(), stage='starting')
+        try:
+            if item.depth_source == 'estimating':
+                self._estimate(item)
+            if self.input_channels == 4 and item.depth_map is None:
+                raise UserError('no depth map: the model takes RGB + depth')
+            self._render_pynet(item)
+        except UserError as e:
+            self._set(result, state='error', message=str(e))
+        except Exception as e:  # a failed render must not stop the worker or the server
+            logging.exception('PyNET render of %s failed', item.name)
+            self._set(result, state='error', message=f'the render failed: {type(e).__name__}: {e}')
+        finally:
+            self._set(result, seconds=time.monotonic() - result.started)
+
+    def _estimate(self, item: Session) -> None:
+        self._set(item.pynet, stage='estimating the depth map')
+        try:
+            depth = self.estimate_depth(item.photo)
+            if depth is not None:
+                depth = np.asarray(depth, np.float32)
+                if depth.ndim != 2 or not np.all(np.isfinite(depth)):
+                    raise ValueError(f'the estimate is not a finite [h, w] map: {depth.shape}')
+                render.check_depth_aspect(depth.shape, item.photo.shape[:2])
+        except Exception as e:  # the estimator is someone else's code: report, carry on
+            logging.exception('depth estimation of %s failed', item.name)
+            depth, failure = None, f'{type(e).__name__}: {e}'
+        else:
+            failure = 'the estimator returned no map'
+        with self.lock:
+            if depth is None:
+                item.depth_source = 'none'
+                item.notes.append(f'The depth map could not be estimated ({failure}); upload '
+                                  f'one with the photo.')
+                item.classical.state = 'unavailable'
+                item.classical.message = 'needs a depth map: upload one with the photo'
+                return
+            item.depth_map, item.depth_source = depth, 'estimated'
+            item.depth = image_ops.normalize_depth(depth, item.photo.shape[:2])
+            item.notes.append('Depth map estimated by MegaDepth (no depth map was uploaded).')
+        self.request_classical(item, None, None, classical.DEFAULT_STRENGTH)
+
+    def _render_pynet(self, item: Session) -> None:
+        config, result = self.config, item.pynet
+        self._set(result, stage='preparing the model input')
+        try:
+            x, out_hw = render.model_input(
+                item.photo, item.depth_map if self.input_channels == 4 else None,
+                input_channels=self.input_channels, pad_mode=config.render.pad_mode,
+                depth_far_is_bright=config.render.depth_far_is_bright)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        first = x.shape not in self.compiled
+        self._set(result, stage='global pass: encoder and levels 7-4' +
+                  (' (first photo of this size: compiling, which can take a minute)' if first
+                   else ''))
+
+        def progress(done: int, total: int) -> None:
+            stage = (f'levels 3-1: tile {done - 1} of {total - 1} done' if done < total
+                     else 'finishing')
+            self._set(result, progress=0.05 + 0.95 * done / total, stage=stage)
+
+        image = render.render_model_input(
+            self.params, x, out_hw, channels=int(self.meta['channels']),
+            max_tile=config.render.max_tile, dtype=config.model.dtype,
+            conv_impl=config.model.conv_impl, progress=progress)
+        self.compiled.add(x.shape)
+        self._set(result, image=to_uint8(image), state='done', stage='', progress=1.0,
+                  image_version=1)
+
+    def _run_classical(self, item: Session, version: int, focus: float, strength: float) -> None:
+        result = item.classical
+        with self.lock:
+            if result.version != version:  # a newer request replaced this one while it waited
+                return
+            result.state, result.started, result.stage = 'running', time.monotonic(), 'rendering'
+        try:
+            image = classical.render_bokeh(image_ops.to_float(item.photo), item.depth,
+                                           focus=focus, strength=strength)
+        except Exception as e:  # a failed render must not stop the worker or the server
+            logging.exception('classical render of %s failed', item.name)
+            with self.lock:
+                if result.version == version:
+                    result.state, result.message = 'error', f'{type(e).__name__}: {e}'
+            return
+        with self.lock:
+            if result.version == version:
+                result.image, result.image_version = to_uint8(image), version
+                result.state, result.stage = 'done', ''
+                result.seconds = time.monotonic() - result.started
+            elif result.image is None or result.image_version < version:
+                result.image, result.image_version = to_uint8(image), version  # better than none
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP.
+# ----------------------------------------------------------------------------------------------
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Routes requests to the App; every failure becomes a JSON message, never a traceback."""
+
+    app: App  # set on the subclass made by `make_server`
+    server_version = 'bokeh_jax'
+    protocol_version = 'HTTP/1.1'
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        logging.debug('%s %s', self.address_string(), format % args)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._handle(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._handle(self._post)
+
+    def _handle(self, route: Callable[[str, dict], None]) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+        try:
+            route(url.path, query)
+        except UserError as e:
+            self._send_json({'error': str(e)}, e.status)
+        except Exception as e:  # keep serving; the page shows a one-line message
+            logging.exception('%s %s failed', self.command, self.path)
+            self._send_json({'error': f'internal error: {type(e).__name__}: {e}'}, 500)
+
+    # ---- routes ------------------------------------------------------------------------------
+
+    def _get(self, path: str, query: dict) -> None:
+        if path in PAGE_FILES:
+            name = PAGE_FILES[path]
+            with open(os.path.join(PAGE_DIR, name), 'rb') as f:
+                self._send(f.read(), CONTENT_TYPES[os.path.splitext(name)[1]])
+            return
+        if path == '/api/info':
+            self._send_json(self.app.info())
+            return
+        match = _SESSION_PATH.match(path)
+        if not match or match.group(2) == '/classical':
+            raise UserError(f'no such page: {path}', status=404)
+        item = self.app.session(match.group(1))
+        if match.group(3) is None:
+            self._send_json(self.app.status(item))
+        else:
+            self._send_image(item, match.group(3), query)
+
+    def _post(self, path: str, query: dict) -> None:
+        body = self._read_body()
+        if path == '/api/sessions':
+            try:
+                photo_bytes = int(query.get('photo_bytes', len(body)))
+            except ValueError:
+                raise UserError('photo_bytes must be an integer') from None
+            if not 0 <= photo_bytes <= len(body):
+                raise UserError(f'photo_bytes={photo_bytes} but {len(body)} bytes were sent')
+            has_depth = 'depth_name' in query
+            item = self.app.create_session(
+                body[:photo_bytes], query.get('photo_name', ''),
+                body[photo_bytes:] if has_depth else None, query.get('depth_name', ''))
+            self._send_json(self.app.status(item), 201)
+            return
+        match = _SESSION_PATH.match(path)
+        if not match or match.group(2) != '/classical':
+            raise UserError(f'no such endpoint: POST {path}', status=404)
+        item = self.app.session(match.group(1))
+        try:
+            request = json.loads(body or b'{}')
+            x, y = request.get('x'), request.get('y')
+            x, y = (None if v is None else float(v) for v in (x, y))
+            strength = float(request.get('strength', classical.DEFAULT_STRENGTH))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise UserError(f'bad classical render request: {e}') from None
+        version = self.app.request_classical(item, x, y, strength)
+        self._send_json({'version': version}, 202)
+
+    # ---- bodies ------------------------------------------------------------------------------
+
+    def _read_body(self) -> bytes:
+        limit = int(self.app.config.serve.max_upload_mb * 2**20)
+        try:
+            length = int(self.headers.get('Content-Length', 0))
+        except ValueError:
+            raise UserError('bad Content-Length') from None
+        if length > limit:
+            self.close_connection = True  # the unread body must not be taken for a request
+            raise UserError(f'the upload is {length / 2**20:.3g} MiB; this server takes at most '
+                            f'{self.app.config.serve.max_upload_mb:g} MiB '
+                            f'(config.serve.max_upload_mb)', status=413)
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise UserError(f'the upload was cut off ({len(body)} of {length} bytes arrived)')
+        return body
+
+    def _send_image(self, item: Session, what: str, query: dict) -> None:
+        if what not in IMAGES:
+            raise UserError(f'no image {what!r}; expected one of {IMAGES}', status=404)
+        fmt = {'png': 'PNG', 'jpeg': 'JPEG', 'jpg': 'JPEG'}.get(query.get('format', 'jpeg'))
+        if fmt is None:
+            raise UserError(f'format must be png or jpeg; got {query.get("format")!r}')
+        full = query.get('size') == 'full'
+        image, keeps_exif = self.app.image(item, what)
+        h, w = item.photo.shape[:2]
+        size = (h, w) if full else fit_size(h, w, self.app.config.serve.preview_side)
+        quality = self.app.config.render.jpeg_quality if full else 85
+        data = encode(image, fmt, size=size, exif=item.exif if (full and keeps_exif) else None,
+                      jpeg_quality=quality)
+        headers = {}
+        if query.get('download'):
+            stem = os.path.splitext(item.name)[0]
+            extension = 'png' if fmt == 'PNG' else 'jpg'
+            headers['Content-Disposition'] = f'attachment; filename="{stem}_{what}.{extension}"'
+        self._send(data, f'image/{fmt.lower()}', headers)
+
+    def _send_json(self, payload: dict, status: int = 200) -> None:
+        self._send(json.dumps(payload).encode(), 'application/json', status=status)
+
+    def _send(self, data: bytes, content_type: str, headers: dict | None = None,
+              status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header('Content-Type', content_type)
+        self.send_header('Content-Length', str(len(data)))
+        self.send_header('Cache-Control', 'no-store')
+        self.send_header('X-Content-Type-Options', 'nosniff')
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def make_server(app: App, host: str, port: int) -> http.server.ThreadingHTTPServer:
+    """An HTTP server for `app` bound to host:port (port 0: any free one), not yet serving."""
+    handler = type('BoundHandler', (Handler,), {'app': app})
+    server = http.server.ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def load_model(workdir: str) -> tuple[Any, dict]:
+    """WORKDIR's level-1 parameters and meta; raises UserError when there are none."""
+    try:
+        params, meta = checkpoint.load_params(workdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    if meta.get('level') != 1:
+        raise UserError(
+            f'{checkpoint.params_dir(workdir, meta.get("level"))}: the finest parameters saved in '
+            f'{workdir} are of level {meta.get("level")}; the page needs level 1 (finish training, '
+            f'or --mode=convert the released model)')
+    return params, meta
+
+
+def serve(config: ml_collections.ConfigDict, workdir: str, port: int | None = None,
+          estimate_depth: DepthEstimator | None = None) -> None:
+    """`--mode=serve`: loads the model once and serves the page until interrupted.
+
+    Prints the URL it listens on (port 0 picks a free one). Raises UserError when `workdir` has no
+    level-1 parameters or the port cannot be had.
+    """
+    cfg = config.serve
+    params, meta = load_model(workdir)
+    app = App(config, params, meta, estimate_depth, workdir=os.path.abspath(workdir))
+    port = cfg.port if port is None else port
+    try:
+        server = make_server(app, cfg.host, port)
+    except OSError as e:  # e.g. the port is taken
+        app.close()
+        raise UserError(f'cannot listen on {cfg.host}:{port} (--port, config.serve.host): {e}'
+                        ) from None
+    host, bound = server.server_address[:2]
+    print(f'bokeh_jax serve: http://{host}:{bound}/ (PyNET width {meta["channels"]}, '
+          f'{meta["input_channels"]} input channels; Ctrl-C stops)', flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        app.close()
+
