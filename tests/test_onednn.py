@@ -162,7 +162,7 @@ def test_bench_records_conv_impl_and_counts_flops_as_xla(tmp_path):
         config = default.get_config()
         config.model.channels = 4
         config.model.conv_impl = impl
-        config.bench.update(forward_size='64x64', train_levels=(7,), patch=64, train_step='self',
+        config.bench.update(forward_size='64x64', train_levels=(7,), patch=64,
                             render=False, per_level=False, peers=(), repeats=1, warmup=0)
         results[impl] = harness.run(config, str(tmp_path / impl))
     assert results['onednn']['conv_impl'] == 'onednn'
