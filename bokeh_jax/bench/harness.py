@@ -111,9 +111,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     bench = suite.Bench(config)
     try:
         env = environment(bench.versions())
+        where = 'worker processes' if cfg.peer_process else 'this process'
         print(f"[bench] {env['backend']} ({env['device']}, {env['cpu']}), load {load_before}, "
-              f"conv_impl {bench.conv_impl}, peers {'in worker processes' if cfg.peer_process else 'in this process'}",
-              flush=True)
+              f"conv_impl {bench.conv_impl}, peers in {where}", flush=True)
         bench.conv_peak()
         for dtype in cfg.forward_dtypes:
             bench.forward(dtype)

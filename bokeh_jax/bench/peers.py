@@ -72,7 +72,7 @@ class InProcessPeer:
         return self.module.to_tensor(x) if self.name == 'tf' else self.impl.to_input(x)
 
     def prepare(self, key: str, kind: str, level: int, inputs: dict[str, np.ndarray]) -> None:
-        """Builds program `kind` at `level` on `inputs` ({'x'}, {'x', 'target'}, {'x', 'k', 'b'})."""
+        """Builds program `kind` at `level`; inputs {'x'}, {'x', 'target'} or {'x', 'k', 'b'}."""
         if kind == 'forward':
             fn, args = self.impl.forward_fn(level), (self._input(inputs['x']),)
         elif kind == 'train':
@@ -122,7 +122,7 @@ class InProcessPeer:
 
 
 class OutOfProcessPeer:
-    """The same calls as `InProcessPeer`, answered by a worker process (bokeh_jax.bench.peer_worker).
+    """The calls of `InProcessPeer`, answered by a worker process (bokeh_jax.bench.peer_worker).
 
     Timed calls return the seconds measured inside the worker (the call and its wait for the
     result), not the pipe's round trip.
