@@ -251,3 +251,14 @@ def pad_to_shape(image: np.ndarray, height: int, width: int, mode: str = 'reflec
 def round_up(value: int, multiple: int = SIZE_MULTIPLE) -> int:
     """Smallest multiple of `multiple` that is >= value."""
     return -(-value // multiple) * multiple
+
+
+def parse_size(text: str, field: str, multiple: int = 1) -> tuple[int, int]:
+    """'512x768' -> (512, 768), both positive multiples of `multiple`; ValueError naming `field`."""
+    try:
+        h, w = (int(v) for v in str(text).lower().split('x'))
+    except ValueError:
+        raise ValueError(f'{field} must look like 512x768, got {text!r}') from None
+    if h <= 0 or w <= 0 or h % multiple or w % multiple:
+        raise ValueError(f'{field} must be positive multiples of {multiple}, got {text!r}')
+    return h, w

@@ -74,6 +74,8 @@ CONV_IMPLS = {
     'xla': jax.lax.conv_general_dilated,
     # oneDNN custom calls, CPU only: 3-4x faster kernel gradients (bokeh_jax/onednn.py).
     'onednn': onednn.conv_general_dilated,
+    # The same in bfloat16 with float32 sums and result (rendering; bokeh_jax/onednn.py).
+    'onednn_bf16': onednn.conv_general_dilated_bf16,
 }
 
 
@@ -97,6 +99,18 @@ def resolve_conv_impl(conv_impl: str) -> str:
         logging.info("conv_impl='auto' runs on XLA: %s", e)
         return 'xla'
     return 'onednn'
+
+
+def compute_plan(dtype: Any, conv_impl: str) -> tuple[Any, str]:
+    """(module dtype, conv_impl) that PyNET runs for its `dtype` and `conv_impl` attributes.
+
+    bfloat16 with oneDNN convolutions (CPU): the multi-blocks' convolutions take bfloat16 operands
+    with float32 sums ('onednn_bf16'); everything else stays float32 (XLA:CPU's own bfloat16
+    convolutions and norms are slower than float32). Otherwise both are used as they are.
+    """
+    if jnp.dtype(dtype) == jnp.bfloat16 and resolve_conv_impl(conv_impl) == 'onednn':
+        return jnp.float32, 'onednn_bf16'
+    return dtype, conv_impl
 
 
 class ConvLayer(nn.Module):
@@ -468,6 +482,7 @@ class PyNET(nn.Module):
       dtype: computation dtype (parameters stay float32).
       conv_impl: what runs the multi-blocks' convolutions, a key of CONV_IMPLS: 'xla' or
         'onednn' (CPU, float32; needs `make onednn`), or 'auto' (oneDNN where it runs, else XLA).
+        dtype bfloat16 with oneDNN: see `compute_plan`.
         Same parameters and function for all.
 
     Call with x float32 [N, H, W, C] in [0, 1], C = 4 (RGB + depth, the paper) or 3 (RGB only), H
@@ -483,11 +498,12 @@ class PyNET(nn.Module):
 
     def setup(self):
         check_conv_impl(self.conv_impl)
-        kw = dict(channels=self.channels, dtype=self.dtype, conv_impl=self.conv_impl)
+        dtype, conv_impl = compute_plan(self.dtype, self.conv_impl)
+        kw = dict(channels=self.channels, dtype=dtype, conv_impl=conv_impl)
         self.encoder = Encoder(**kw)
         self.level7, self.level6, self.level5 = Level7(**kw), Level6(**kw), Level5(**kw)
         self.level4, self.level3 = Level4(**kw), Level3(**kw)
-        self.level2, self.level1 = Level2(dtype=self.dtype), Level1(dtype=self.dtype)
+        self.level2, self.level1 = Level2(dtype=dtype), Level1(dtype=dtype)
 
     def __call__(self, x: jax.Array, level: int = 1) -> dict[int, jax.Array]:
         if level not in LEVELS:
@@ -508,7 +524,7 @@ class PyNET(nn.Module):
         only computed when stop_at <= 3 (else empty).
         """
         check_input(x)
-        e1, e2, e3, e4 = self.encoder(x.astype(self.dtype))
+        e1, e2, e3, e4 = self.encoder(x.astype(compute_plan(self.dtype, self.conv_impl)[0]))
         outputs = {}
         f = self.level7(e4)
         outputs[7] = self.level7.image(f)

@@ -9,6 +9,12 @@ float32 rounding (~1e-6 relative). All three, not only the kernel gradient: in t
 step (batch 1, 512x512) that took 0.60x XLA's time against 0.97x with only the kernel gradient in
 oneDNN (paired medians of 3 calls each, on a shared 2-core machine at load 3-4).
 
+`conv_general_dilated_bf16` is the rendering variant (conv_impl 'onednn_bf16', what
+`config.model.dtype='bfloat16'` selects on CPU): the same convolutions with bfloat16 input and
+kernel, float32 accumulation and float32 result, so bias, instance norm and activations stay
+float32. It needs a CPU with AVX512-BF16 or AMX-BF16 (`cpu_has_bf16`); elsewhere it logs once and
+runs the float32 convolutions. Its gradient is the float32 one.
+
 Where it applies: float32, NHWC input, HWIO kernel, stride 1, no dilation, no feature groups,
 zero 'SAME' padding and an odd square kernel (every conv of PyNET's multi-blocks). Any other
 convolution goes to `jax.lax.conv_general_dilated` unchanged. CPU only.
@@ -20,7 +26,9 @@ install or jax changes) and registers them with XLA once per process.
 """
 
 import ctypes
+import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -38,7 +46,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(_ROOT, 'native', 'dnnl_conv_ffi.cc')
 BUILD_DIR = os.path.join(_ROOT, 'native', 'build')
 # Handler symbols of SOURCE, registered under the same names.
-TARGETS = ('DnnlConvForward', 'DnnlConvBackwardData', 'DnnlConvBackwardWeights')
+TARGETS = ('DnnlConvForward', 'DnnlConvBackwardData', 'DnnlConvBackwardWeights',
+           'DnnlConvForwardBf16')
+# /proc/cpuinfo flags of the instructions oneDNN runs bfloat16 products with.
+BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 _HOW_TO_INSTALL = "config.model.conv_impl='onednn' needs `make onednn`"
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -193,6 +204,42 @@ def _conv_bwd(residuals, g):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def forward_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
+    """conv(x bf16 [N, H, W, I], w bf16 [K, K, I, O]) -> float32 [N, H, W, O], float32 sums."""
+    return _call('DnnlConvForwardBf16', (*x.shape[:3], w.shape[3]), x, w)
+
+
+@jax.custom_vjp
+def conv_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`conv` with x and w rounded to bfloat16 (float32 in and out); float32 gradient."""
+    return forward_bf16(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def _conv_bf16_fwd(x, w):
+    return conv_bf16(x, w), (x, w)
+
+
+conv_bf16.defvjp(_conv_bf16_fwd, _conv_bwd)
+
+
+@functools.cache
+def cpu_has_bf16(cpuinfo: str = '/proc/cpuinfo') -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(':', 1)[1].split() for line in f
+                          if line.startswith('flags')), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_FLAGS)
+
+
+@functools.cache
+def _warn_no_bf16() -> None:
+    logging.warning('bfloat16 convolutions asked for, but this CPU has none of %s '
+                    '(/proc/cpuinfo flags): running them in float32', ', '.join(BF16_FLAGS))
+
+
 # ----------------------------------------------------------------------------- drop-in
 
 
@@ -266,3 +313,38 @@ def conv_general_dilated(
             f"{jax.default_backend()!r} (use conv_impl='xla')"
         )
     return conv(lhs, rhs)
+
+
+def conv_general_dilated_bf16(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """`conv_general_dilated` with bfloat16 products and float32 sums and result in oneDNN.
+
+    float32 operands in, float32 out, for the convolutions `supports` takes; on a CPU without
+    bfloat16 instructions (`cpu_has_bf16`) they run in float32, with one warning. Others: XLA.
+    """
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count)
+    float32 = lambda: conv_general_dilated(  # noqa: E731
+        *args, precision=precision, preferred_element_type=preferred_element_type)
+    if not supports(*args, preferred_element_type=preferred_element_type):
+        return float32()
+    if not cpu_has_bf16():
+        _warn_no_bf16()
+        return float32()
+    if jax.default_backend() != 'cpu':
+        raise ValueError(
+            f"config.model.conv_impl='onednn_bf16' runs on CPU only; JAX's backend is "
+            f"{jax.default_backend()!r}"
+        )
+    return conv_bf16(lhs, rhs)

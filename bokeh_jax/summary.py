@@ -23,14 +23,26 @@ def path_param_count(shapes: Any, level: int) -> int:
     )
 
 
+def xla_flops(program: Any) -> float | None:
+    """XLA's cost-analysis FLOP count of a lowered or compiled program; None where there is none.
+
+    Custom calls (conv_impl='onednn') count as zero: count a twin with XLA's convolutions.
+    """
+    try:
+        cost = program.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends have no cost model
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = (cost or {}).get('flops', -1)
+    return float(flops) if flops > 0 else None
+
+
 def forward_flops(model: model_lib.PyNET, input_shape: tuple[int, ...], level: int) -> float:
     """XLA's cost-analysis FLOPs of one forward pass up to `level` (compiled, weights abstract)."""
     shapes = model_lib.param_shapes(model.channels, input_shape[-1])
     fn = jax.jit(lambda p, x: model.apply({'params': p}, x, level=level))
-    compiled = fn.lower(shapes, jax.ShapeDtypeStruct(input_shape, jnp.float32)).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get('flops', float('nan')))
+    flops = xla_flops(fn.lower(shapes, jax.ShapeDtypeStruct(input_shape, jnp.float32)).compile())
+    return float('nan') if flops is None else flops
 
 
 def summarize(

@@ -202,11 +202,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # `--mode=bench` (bokeh_jax/bench/harness.py): speed against the TF / PyTorch peers.
     config.bench = ml_collections.ConfigDict()
     config.bench.forward_size = '512x768'  # model input HxW of the forward pass (output is 2x)
-    config.bench.forward_dtypes = ('float32',)  # add 'bfloat16' on GPU/TPU
+    # 'bfloat16': on GPU/TPU the whole model; on CPU bf16 convolutions in oneDNN (model.dtype)
+    config.bench.forward_dtypes = ('float32',)
     config.bench.train_levels = (1, 3)  # train steps to time (paper levels)
     config.bench.train_batches = (1,)  # batch sizes of each train step; the paper's L1 batch is 5
     config.bench.patch = 512  # input patch side of the train steps (the paper's crop)
-    config.bench.train_step = 'auto'  # 'project' (train.make_train_step), 'self', 'auto'
     config.bench.render = True  # time render.render_full_resolution when render.py exists
     config.bench.render_size = '1024x1536'  # photo size (full resolution) for the render row
     config.bench.per_level = True  # forward time spent in each level, against the peers
@@ -215,6 +215,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.bench.repeats = 3  # timed calls per figure (after warm-up), JAX and peers alternating
     config.bench.warmup = 1
     config.bench.peers = ('tf', 'torch')  # those installed run beside JAX
+    config.bench.peer_process = True  # each peer in a worker process of its own (False: in ours)
+    config.bench.breakdown = False  # train step of each train_level split into parts (profilers)
     config.bench.output = 'bench.json'  # written in the workdir
 
     if arg:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bokeh_jax import model as model_lib
-from bokeh_jax.bench import harness
+from bokeh_jax.bench import breakdown, harness, peers, programs
 from configs import default as default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,15 +123,23 @@ def test_tf_peer_and_jax_train_steps_apply_adam(tiny):
 
     # At step 1 Adam moves a weight by lr * g / (|g| + eps') with eps' = eps for optax and
     # eps / sqrt(1 - b2) for TF's ResourceApplyAdam (TF1's AdamOptimizer puts eps outside the
-    # bias correction).
+    # bias correction). The JAX step is the project's own (bokeh_jax.train), which the bench times.
     lr, eps, b2 = 5e-5, 1e-8, 0.999
-    program = harness.self_contained_train_step(model, level, learning_rate=lr)
+    config = default_config.get_config()
+    config.train[f'level{level}'].learning_rate = lr
+    config.train.update(adam_b1=0.9, adam_b2=b2, adam_eps=eps)
+    program = programs.train_program(config, model, level)
     state = program.init(params)
-    before = {k: np.asarray(v) for k, v in state['trainable'].items()}
+    before = {'/'.join(p): np.asarray(_leaf(params, p)) for p in paths}
     state, jax_loss = program.unpack(program.jitted(*program.pack(state, x, target)))
     tf_loss = peer.train_step_fn(level, learning_rate=lr)(tf.constant(x), tf.constant(target))
-    np.testing.assert_allclose(tf_loss, jax_loss, rtol=1e-5)
-    assert sorted(state['trainable']) == sorted('/'.join(p) for p in paths)
+    np.testing.assert_allclose(tf_loss[()], np.asarray(jax_loss)[0], rtol=1e-5)
+    after = jax.tree.map(lambda a: np.asarray(a)[0], state.params)
+    moved = sorted('/'.join(k.key for k in path) for path, v in
+                   jax.tree_util.tree_flatten_with_path(after)[0]
+                   if not np.array_equal(v, np.asarray(_leaf(params, [k.key for k in path]))))
+    # Off the path nothing moves (on it, the Adam check below covers every weight).
+    assert moved and set(moved) <= set(before), sorted(set(moved) - set(before))
     agree = {'jax': [], 'tf': []}
     for path, variable, tf_grad in zip(paths, peer.trainable(level), tf_grads):
         if _pre_norm_bias(params, path):
@@ -139,7 +147,7 @@ def test_tf_peer_and_jax_train_steps_apply_adam(tiny):
         key = '/'.join(path)
         g, g_tf = np.asarray(_leaf(grads, path)), tf_grad.numpy()
         deltas = {
-            'jax': (np.asarray(state['trainable'][key]) - before[key], -lr * g / (np.abs(g) + eps)),
+            'jax': (np.asarray(_leaf(after, path)) - before[key], -lr * g / (np.abs(g) + eps)),
             'tf': (variable.numpy() - before[key],
                    -lr * g_tf / (np.abs(g_tf) + eps / np.sqrt(1 - b2))),
         }
@@ -174,7 +182,6 @@ def _tiny_bench_config(**bench):
         patch=64,
         train_levels=(7,),
         train_batches=(1,),
-        train_step='self',
         render=False,
         per_level=True,
         profile=True,
@@ -210,7 +217,7 @@ def test_harness_runs_and_reports_consistent_figures(tmp_path):
         np.median(np.array(forward['times_s']) / np.array(tf_forward['times_s']))
     )
     train = rows['train L7 b1 64px', 'jax']
-    assert train['gflop'] > 0 and train['vs']['tf'] > 0 and 'self-contained' in train['note']
+    assert train['gflop'] > 0 and train['vs']['tf'] > 0 and 'make_train_step' in train['note']
     assert rows['train L7 b1 64px', 'tf']['images_per_s'] > 0
 
     levels = [e['level'] for e in results['per_level']]
@@ -239,7 +246,6 @@ def test_harness_runs_and_reports_consistent_figures(tmp_path):
         ('train_levels', (0,), 'config.bench.train_levels'),
         ('train_batches', (0,), 'config.bench.train_batches'),
         ('peers', ('caffe',), 'config.bench.peers'),
-        ('train_step', 'mine', 'config.bench.train_step'),
         ('patch', 100, 'config.bench.patch'),
     ],
 )
@@ -267,3 +273,63 @@ def test_launch_bench_mode(tmp_path):
         results = json.load(f)
     assert [r['name'] for r in results['rows']] == ['conv peak 9x9 16->4', 'forward 32x64 float32']
     assert results['environment']['backend'] == jax.default_backend()
+
+
+def test_out_of_process_peer_matches_in_process(tiny):
+    """The worker-process peer computes what the in-process one does, on the same weights."""
+    pytest.importorskip('tensorflow')
+    _, params, x = tiny
+    x = x[:1]
+    target = np.random.default_rng(5).random((1, 8, 12, 3), dtype=np.float32)  # level 5: 1/8
+    inside = peers.InProcessPeer('tf', params)
+    outside = peers.OutOfProcessPeer('tf', params)
+    try:
+        for peer in (inside, outside):
+            peer.prepare('f', 'forward', 1, {'x': x})
+            peer.prepare('t', 'train', 5, {'x': x, 'target': target})
+        forward = outside.output('f')
+        assert forward.shape == (1, 128, 192, 3)
+        np.testing.assert_allclose(forward, inside.output('f'), atol=1e-6)
+        # Two train steps: the same losses, so both applied the same first Adam update.
+        for _ in range(2):
+            np.testing.assert_allclose(outside.output('t'), inside.output('t'), rtol=1e-6)
+        seconds = outside.timed('f')()
+        assert isinstance(seconds, float) and seconds > 0
+        assert outside.version() == inside.version()
+    finally:
+        outside.close()
+    assert outside._process.returncode == 0
+
+
+def test_breakdown_parts_of_both_frameworks(tmp_path):
+    pytest.importorskip('tensorflow')
+    config = _tiny_bench_config(forward_dtypes=(), per_level=False, profile=False,
+                                breakdown=True, train_levels=(5,))
+    # oneDNN's custom calls name each convolution's direction (XLA's backward convs do not).
+    config.model.conv_impl = 'onednn'
+    results = harness.run(config, str(tmp_path))
+    entries = {e['impl']: e for e in results['breakdown']}
+    assert sorted(entries) == ['jax', 'tf']
+    for impl, entry in entries.items():
+        parts = entry['parts']
+        assert set(parts) <= set(breakdown.PARTS), impl
+        # The parts every PyNET train step has, in both frameworks' traces.
+        for part in ('conv forward', 'conv kernel gradient', 'instance norm', 'optimizer update',
+                     'upsampling (transposed convs)', 'loss'):
+            assert parts.get(part, 0) > 0, (impl, part, parts)
+        assert entry['wall_s'] > 0
+
+
+def test_jax_parts_from_hlo_names():
+    stack = 'jit(_fun)/jvp(PyNET)/PyNET.fine/level3/d4/k5a'
+    assert breakdown.jax_part('custom-call', f'{stack}/conv/ffi_call', 'DnnlConvBackwardWeights') \
+        == 'conv kernel gradient'
+    assert breakdown.jax_part('fusion', f'{stack}/norm/mul', '') == 'instance norm'
+    assert breakdown.jax_part('fusion', f'{stack}/max', '') == 'bias + activation'
+    assert breakdown.jax_part('fusion', 'jit(_fun)/transpose(jvp(PyNET))/PyNET.coarse/'
+                              'level4.ups/up_a/conv_general_dilated', '') \
+        == 'upsampling (transposed convs)'
+    assert breakdown.jax_part('fusion', 'jit(_fun)/jvp(abs)', '') == 'loss'
+    assert breakdown.jax_part('fusion', 'jit(_fun)/sqrt', '') == 'optimizer update'
+    assert breakdown.tf_part('gradient_tape/level3/norm_3/moments/mean', 'Mean') == 'instance norm'
+    assert breakdown.tf_part('Conv2D_7', 'Conv2DBackpropFilter') == 'conv kernel gradient'

@@ -163,14 +163,15 @@ def test_bench_records_conv_impl_and_counts_flops_as_xla(tmp_path):
         config = default.get_config()
         config.model.channels = 4
         config.model.conv_impl = impl
-        config.bench.update(forward_size='64x64', train_levels=(7,), patch=64, train_step='self',
+        config.bench.update(forward_size='64x64', train_levels=(7,), patch=64,
                             render=False, per_level=False, peers=(), repeats=1, warmup=0)
         results[impl] = harness.run(config, str(tmp_path / impl))
     assert results['onednn']['conv_impl'] == 'onednn'
     gflop = {impl: {r['name']: r['gflop'] for r in res['rows']} for impl, res in results.items()}
     # XLA counts a custom call as no FLOPs; the harness reports the XLA twin's count instead,
-    # taken before XLA's optimizations (the xla rows: after), which changes it by a few %.
-    assert gflop['onednn'] == pytest.approx(gflop['xla'], rel=0.05)
+    # taken before XLA's optimizations (the xla rows: after), which changes it by a few % (6% for
+    # the project's tiny level-7 train step, whose metrics XLA partly simplifies away).
+    assert gflop['onednn'] == pytest.approx(gflop['xla'], rel=0.1)
 
 
 def test_missing_onednn_names_the_fix(tmp_path, monkeypatch):
@@ -211,3 +212,62 @@ def test_auto_picks_onednn_where_it_runs_and_xla_where_it_does_not(monkeypatch):
         model_lib.resolve_conv_impl.cache_clear()
     with pytest.raises(ValueError, match="config.model.conv_impl must be one of"):
         model_lib.check_conv_impl('fast')
+
+
+# ----------------------------------------------------------------------------- bfloat16 rendering
+
+_NEEDS_BF16 = pytest.mark.skipif(
+    not onednn.cpu_has_bf16(), reason=f'this CPU has none of {onednn.BF16_FLAGS}')
+
+
+@_NEEDS_BF16
+def test_bf16_conv_is_the_conv_of_rounded_operands_with_float32_sums():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 12, 10, 24), np.float32)
+    w = rng.standard_normal((5, 5, 24, 8), np.float32)
+    rounded = [jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32) for a in (x, w)]
+    reference = _xla_conv(*rounded)
+    y = jax.jit(onednn.conv_bf16)(x, w)
+    assert y.dtype == jnp.float32
+    assert _relative_error(y, reference) < 1e-5  # float32 sums of exactly the bf16 products
+    assert _relative_error(y, _xla_conv(x, w)) > 1e-4  # and not float32's own convolution
+
+
+def _photo_and_depth():
+    from PIL import Image
+
+    photo = np.asarray(Image.open(os.path.join(
+        os.path.dirname(__file__), 'data', 'photos', 'chelsea.jpg')).convert('RGB'))[:128, :192]
+    ramp = np.linspace(0, 255, photo.shape[1] // 2, dtype=np.float32)
+    depth = np.broadcast_to(ramp, (photo.shape[0] // 2, photo.shape[1] // 2)).astype(np.uint8)
+    return photo, depth
+
+
+@_NEEDS_BF16
+def test_bf16_render_of_a_real_photo_is_close_to_float32(tiny_params):
+    from bokeh_jax import render
+
+    photo, depth = _photo_and_depth()
+    out = {dtype: render.render_full_resolution(tiny_params, photo, depth, dtype=dtype,
+                                                conv_impl='onednn')
+           for dtype in ('float32', 'bfloat16')}
+    assert out['float32'].std() > 0.02  # a rendering that depends on the photo, not a constant
+    psnr = 10 * np.log10(1 / np.mean((out['bfloat16'] - out['float32']) ** 2))  # range [0, 1]
+    # Random He-init weights amplify rounding through level 3's ~20 norm-free layers: 40-46 dB
+    # measured at widths 4-8 on this photo (docs/performance.md); bf16 rounding really happened.
+    assert 40 < psnr < 120, psnr
+
+
+def test_bf16_without_cpu_support_runs_float32_and_says_so(tiny_params, monkeypatch, caplog):
+    monkeypatch.setattr(onednn, 'cpu_has_bf16', lambda: False)
+    x = jnp.asarray(np.random.default_rng(8).random((1, 64, 64, 4), np.float32))
+
+    def forward(dtype):
+        model = model_lib.PyNET(4, dtype=jnp.dtype(dtype), conv_impl='onednn')
+        return jax.jit(lambda p, x: model.apply({'params': p}, x, level=3)[3])(tiny_params, x)
+
+    onednn._warn_no_bf16.cache_clear()
+    with caplog.at_level('WARNING'):
+        bf16 = forward('bfloat16')
+    assert 'running them in float32' in caplog.text
+    np.testing.assert_allclose(bf16, forward('float32'), atol=1e-6)

@@ -52,30 +52,36 @@ class TFPyNET(tf.Module, structure.Ops):
     def max_pool(self, x):
         return tf.nn.max_pool2d(x, 2, 2, 'VALID')
 
+    # Name scopes 'norm', 'act', 'up', 'concat', 'loss', 'adam' mark the parts of a train step
+    # for the profile breakdown (bench/breakdown.py); they change no op.
     def concat(self, xs: Sequence[tf.Tensor]) -> tf.Tensor:
-        return tf.concat(list(xs), -1)
+        with tf.name_scope('concat'):
+            return tf.concat(list(xs), -1)
 
     def _conv(self, x, path, instance_norm: bool):
         x = tf.nn.conv2d(x, self._v(*path, 'conv', 'kernel'), 1, 'SAME')
         x = tf.nn.bias_add(x, self._v(*path, 'conv', 'bias'))
         if instance_norm:
-            mean, var = tf.nn.moments(x, [1, 2], keepdims=True)
-            x = (x - mean) / tf.sqrt(var + 1e-3)
-            x = self._v(*path, 'norm', 'scale') * x + self._v(*path, 'norm', 'bias')
-        return _leaky_relu(x)
+            with tf.name_scope('norm'):
+                mean, var = tf.nn.moments(x, [1, 2], keepdims=True)
+                x = (x - mean) / tf.sqrt(var + 1e-3)
+                x = self._v(*path, 'norm', 'scale') * x + self._v(*path, 'norm', 'bias')
+        with tf.name_scope('act'):
+            return _leaky_relu(x)
 
     def multi_block(self, x, path, kmax, instance_norm):
         outputs = []
         for k in range(3, kmax + 1, 2):
             y = self._conv(x, (*path, f'k{k}a'), instance_norm)
             outputs.append(self._conv(y, (*path, f'k{k}b'), instance_norm))
-        return tf.concat(outputs, -1)
+        return self.concat(outputs)
 
     def up(self, x, path):
-        kernel = self._v(*path, 'conv', 'kernel')  # [3, 3, out, in]
-        shape = tf.shape(x)
-        out_shape = tf.stack([shape[0], 2 * shape[1], 2 * shape[2], kernel.shape[2]])
-        return _leaky_relu(tf.nn.conv2d_transpose(x, kernel, out_shape, 2, 'SAME'))
+        with tf.name_scope('up'):
+            kernel = self._v(*path, 'conv', 'kernel')  # [3, 3, out, in]
+            shape = tf.shape(x)
+            out_shape = tf.stack([shape[0], 2 * shape[1], 2 * shape[2], kernel.shape[2]])
+            return _leaky_relu(tf.nn.conv2d_transpose(x, kernel, out_shape, 2, 'SAME'))
 
     def conv3x3(self, x, path):
         x = tf.nn.conv2d(x, self._v(*path, 'conv', 'kernel'), 1, 'SAME')
@@ -132,10 +138,12 @@ class TFPyNET(tf.Module, structure.Ops):
         def train_step(x, target):
             with tf.GradientTape() as tape:
                 image = self.outputs(x, level)[level]
-                loss = 100.0 * tf.reduce_mean(tf.abs(image - target))
+                with tf.name_scope('loss'):
+                    loss = 100.0 * tf.reduce_mean(tf.abs(image - target))
             grads = tape.gradient(loss, variables)
-            step.assign_add(1.0)
-            b1_power, b2_power = tf.pow(b1, step), tf.pow(b2, step)
+            with tf.name_scope('adam'):
+                step.assign_add(1.0)
+                b1_power, b2_power = tf.pow(b1, step), tf.pow(b2, step)
             for v, (m, u), g in zip(variables, slots, grads):
                 tf.raw_ops.ResourceApplyAdam(
                     var=v.handle,
