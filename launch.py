@@ -213,7 +213,7 @@ def run_depth(config, workdir: str) -> None:
 
 
 def run_export(config, workdir: str) -> None:
-    from bokeh_jax import checkpoint, export
+    from bokeh_jax import checkpoint, export, output_paths
 
     if not _OUTPUT.value:
         raise UserError('--mode=export needs --output=FOLDER')
@@ -222,7 +222,8 @@ def run_export(config, workdir: str) -> None:
         size = export.check_size(_parse_size(_EXPORT_SIZE.value, 'export_size'))
         params, meta = checkpoint.load_params(workdir, 1)
         manifest = export.export(params, meta, _OUTPUT.value, formats=formats, size=size,
-                                 overwrite=_OVERWRITE.value)
+                                 overwrite=_OVERWRITE.value,
+                                 protected=output_paths.workdir_inputs(workdir))
     except (ValueError, FileNotFoundError) as e:  # ExportError, or params that do not load
         raise UserError(f'export failed: {e}') from None
     for name, entry in manifest['formats'].items():

@@ -15,7 +15,7 @@ Photos of one orientation share one input shape, so a folder runs in batches of
 config.depth.batch_size whatever the photos' sizes; results do not depend on the batching.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import os
 import sys
@@ -31,6 +31,7 @@ import tqdm
 from bokeh_jax import image_io  # its photo reader: EXIF orientation, grayscale, alpha, 16 bit
 from bokeh_jax import image_ops
 from bokeh_jax import megadepth
+from bokeh_jax import output_paths
 from bokeh_jax.errors import UserError
 
 # Models config.depth.model may name (room for a second one).
@@ -165,13 +166,14 @@ def save_map(path: str, depth: np.ndarray) -> None:
             os.remove(partial)
 
 
-def plan_jobs(input_path: str, output_path: str, *, overwrite: bool = False
-              ) -> tuple[list[Job], list[str]]:
+def plan_jobs(input_path: str, output_path: str, *, overwrite: bool = False,
+              protected: Sequence[str] = ()) -> tuple[list[Job], list[str]]:
     """(jobs to run, outputs skipped because they exist) for a photo or a folder.
 
     A folder gives <output folder>/<stem>.png per photo; existing maps are skipped (a stopped
     run resumes) unless `overwrite`. A single photo's existing output is an error without
-    `overwrite`. An output that is one of the inputs is always an error.
+    `overwrite`. An output that is one of the inputs, lies in `protected` (the workdir's
+    weights, ...) or below a file is always an error (output_paths.py).
     """
     if os.path.isdir(input_path):
         photos = sorted(
@@ -202,6 +204,9 @@ def plan_jobs(input_path: str, output_path: str, *, overwrite: bool = False
         if os.path.realpath(job.output) in inputs:
             raise DepthError(f'{job.output}: the depth map would replace an input photo; choose '
                              f'another --output')
+        problem = output_paths.output_problem(job.output, protected=protected)
+        if problem:
+            raise DepthError(f'--output={output_path}: {problem}')
     if overwrite:
         return jobs, []
     skipped = [job.output for job in jobs if os.path.exists(job.output)]
@@ -253,7 +258,8 @@ def make_depth_maps(
     stopped. Photos that fail are listed and the others go on; DepthError at the end lists them.
     """
     estimator = load_estimator(config, workdir)
-    jobs, skipped = plan_jobs(input_path, output_path, overwrite=overwrite)
+    jobs, skipped = plan_jobs(input_path, output_path, overwrite=overwrite,
+                              protected=output_paths.workdir_inputs(workdir))
     if skipped:
         log(f'{len(skipped)} depth map(s) already exist in {os.path.dirname(skipped[0])}; '
             f'skipping them (--overwrite makes them again)')

@@ -42,6 +42,7 @@ import numpy as np
 
 from bokeh_jax import image_ops
 from bokeh_jax import model as model_lib
+from bokeh_jax import output_paths
 
 FILES = {
     'tflite': 'pynet_level1_float32.tflite',
@@ -302,18 +303,23 @@ def check_input(input_channels: int, size: Sequence[int]) -> np.ndarray:
 
 
 def export(params: Any, meta: dict, output: str, *, formats: Sequence[str] = DEFAULT_FORMATS,
-           size: Sequence[int] = DEFAULT_SIZE, overwrite: bool = False) -> dict:
+           size: Sequence[int] = DEFAULT_SIZE, overwrite: bool = False,
+           protected: Sequence[str] = ()) -> dict:
     """Writes `formats` of level-1 `params` into the folder `output` and returns the manifest.
 
     meta: the parameters' metadata (checkpoint.load_params), with `channels` and `input_channels`.
     Each artifact is run by its own runtime on a check input of model input size `size` and
     compared with JAX (manifest `psnr_vs_jax_db`). Written into `output`.partial first, then
     renamed: an existing `output` is replaced only with `overwrite`, and a failed export leaves
-    no half-written folder.
+    no half-written folder. `output` may not lie in or hold a `protected` path (the workdir's
+    parameters, ...) or lie below a file (output_paths.py).
     """
     formats = parse_formats(formats)
     size = check_size(size)
     output = os.path.abspath(output)
+    problem = output_paths.output_problem(output, protected=protected, replaces_folder=True)
+    if problem:
+        raise ExportError(f'--output: {problem}')
     if os.path.exists(output) and not overwrite:
         raise ExportError(f'--output {output!r} already exists; pass --overwrite to replace it')
     channels, input_channels = int(meta['channels']), int(meta['input_channels'])

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import logging
@@ -21,6 +21,7 @@ import tqdm
 
 from bokeh_jax import checkpoint
 from bokeh_jax import image_io
+from bokeh_jax import output_paths
 from bokeh_jax import render
 
 # Photos picked up from a folder (case-insensitive).
@@ -62,6 +63,7 @@ def plan_jobs(
     input_channels: int,
     overwrite: bool = False,
     estimates_depth: bool = False,
+    protected: Sequence[str] = (),
 ) -> list[Job]:
     """Checks the paths of a render run and pairs every photo with its depth map and output.
 
@@ -73,7 +75,9 @@ def plan_jobs(
     RenderError, before anything is rendered, for: a missing input; depth given to an RGB-only
     model or missing for an RGB + depth model; an unknown output extension; an output that exists
     (unless `overwrite`) or that is the input itself. `estimates_depth`: maps missing for an
-    RGB + depth model come from a depth estimator (`render_paths`'s depth_fn).
+    RGB + depth model come from a depth estimator (`render_paths`'s depth_fn). No output may be
+    an input (photo, depth map), lie in `protected` (the workdir's parameters, ...) or below a
+    file (output_paths.py).
     """
     if input_channels == 4 and not depth_path and not estimates_depth:
         raise RenderError(render.NEEDS_DEPTH)
@@ -136,6 +140,10 @@ def plan_jobs(
             raise RenderError(
                 f'{job.output}: the output would replace the input photo; choose another --output'
             )
+        problem = output_paths.output_problem(job.output, inputs=(job.depth,),
+                                              protected=protected)
+        if problem:
+            raise RenderError(f'--output={output_path}: {problem}')
     existing = [job.output for job in jobs if os.path.exists(job.output)]
     if existing and not overwrite:
         raise RenderError(
@@ -238,6 +246,7 @@ def render_paths(
         input_channels=meta['input_channels'],
         overwrite=overwrite,
         estimates_depth=depth_fn is not None,
+        protected=output_paths.workdir_inputs(workdir),
     )
     for directory in {os.path.dirname(os.path.abspath(job.output)) for job in jobs}:
         os.makedirs(directory, exist_ok=True)

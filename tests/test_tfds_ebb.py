@@ -327,3 +327,41 @@ def test_tfds_build_command(tmp_path):
 def test_package_registers_both_builders():
     assert {'ebb', 'synthetic_bokeh'} <= set(tfds.list_builders(with_community_datasets=False))
     assert tfds_ebb.ebb_dataset_builder.Builder.name == 'ebb'
+
+
+def test_ebb_is_not_reused_when_the_manual_folder_changed(tmp_path):
+    """A real build, then pairs added / removed / rewritten: building again stops and says what
+    changed (builder and prepare_dataset), until the folder matches or the data set is rebuilt."""
+    import ml_collections
+
+    from bokeh_jax.errors import UserError
+    from tfds_ebb import prepare
+
+    manual = make_ebb_folder(tmp_path / 'manual', 'aim')
+    data = tmp_path / 'data'
+    build_ebb(manual, data)
+    build_ebb(manual, data)  # unchanged: reused
+    root = manual / 'Training'
+    write_pairs(root, ('3',), seed=50)  # one pair added: 3 files
+    with pytest.raises(ebb.StaleDataset, match=r'3 file\(s\) added \(Training/bokeh/3.jpg, '
+                                               r'Training/original/3.jpg, '
+                                               r'Training/original_depth/3.png\).*--overwrite'):
+        build_ebb(manual, data)
+    config = ml_collections.ConfigDict(dict(
+        name='ebb', builder_config='rgbd', data_dir=str(data), manual_dir=str(manual),
+        depth_dir='', skip_bad=False))
+    with pytest.raises(UserError, match=r'3 file\(s\) added'):
+        prepare.prepare_dataset(config)
+    (root / 'bokeh' / '0.jpg').write_bytes(jpeg_bytes(99))  # rewritten
+    (root / 'original' / '4401.jpg').unlink()
+    with pytest.raises(ebb.StaleDataset, match=r'3 file\(s\) added .*1 file\(s\) removed '
+                                               r'\(Training/original/4401.jpg\); 1 file\(s\) '
+                                               r'changed \(Training/bokeh/0.jpg\)'):
+        build_ebb(manual, data, skip_bad=True)
+    (root / 'bokeh' / '4401.jpg').unlink()
+    (root / 'original_depth' / '4401.png').unlink()
+    builder = tfds.builder('ebb', config='rgbd', data_dir=str(data))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(manual), download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
+    assert sorted(read_split(builder, 'train')) == ['0', '1', '2', '3']
+    prepare.prepare_dataset(config)  # up to date again: reused

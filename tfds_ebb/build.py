@@ -5,8 +5,12 @@
 The `tfds` command of tensorflow-datasets 4.9 imports apache-beam at start-up even to build a
 plain dataset (tensorflow/datasets#5463), and apache-beam would pull in other protobuf/pyarrow
 versions than TensorFlow's. This runs TFDS's own `build` command without that import. Run it as
-a script (not `-m`), so that a builder given by path is imported exactly once.
+a script (not `-m`), so that a builder given by path is imported exactly once. A problem with
+the manual folder (the builder's BadInput, e.g. a stale data set) ends with one line `error: ...`
+and exit status 2.
 """
+
+import sys
 
 from absl import app
 from tensorflow_datasets.scripts.cli import build
@@ -14,7 +18,15 @@ from tensorflow_datasets.scripts.cli import cli_utils
 
 
 def main(args: build.Args) -> None:
-    args.execute()
+    try:
+        args.execute()
+    except ValueError as e:
+        # The builder's BadInput / StaleDataset (by name: the builder module is imported by
+        # path inside execute(), so its classes are not importable here): one line, no traceback.
+        if not any(c.__name__ == 'BadInput' for c in type(e).__mro__):
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from bokeh_jax import dataset
+from bokeh_jax.errors import UserError
 from tfds_ebb.ebb import ebb_dataset_builder
 from tfds_ebb.synthetic_bokeh import synthetic_bokeh_dataset_builder  # registers the builder
 
@@ -51,6 +52,8 @@ def prepare_dataset(data: ml_collections.ConfigDict) -> None:
         builder = dataset_builder(data)  # what is on disk now that we hold the lock
         if builder.is_prepared():
             _check_prepared(data, builder)
+            if data.name == 'ebb' and data.manual_dir:
+                _check_up_to_date(builder, data)
             if not (data.name == 'synthetic_bokeh' and _synthetic_differs(builder)):
                 return
             logging.warning('%s was generated with other settings than config.data.synthetic = '
@@ -105,6 +108,14 @@ def _check_prepared(data: ml_collections.ConfigDict, builder: tfds.core.DatasetB
             f'{builder.data_dir} holds {data.name} in {formats}, but the input pipeline '
             f'reads {dataset.FILE_FORMAT}: rebuild it with '
             f'file_format={dataset.FILE_FORMAT!r} or point config.data.data_dir elsewhere')
+
+
+def _check_up_to_date(builder: tfds.core.DatasetBuilder, data: ml_collections.ConfigDict) -> None:
+    """ebb on disk must have been built from what config.data.manual_dir holds now."""
+    try:
+        builder.check_up_to_date(epath.Path(data.manual_dir))
+    except ebb_dataset_builder.StaleDataset as e:
+        raise UserError(f'{e} (config.data.manual_dir={data.manual_dir})') from None
 
 
 def _synthetic_differs(builder: tfds.core.DatasetBuilder) -> bool:

@@ -16,6 +16,12 @@ dataset's metadata (`metadata.json`, key `skipped`). Non-RGB or non-JPEG photos 
 that are not 8-bit grayscale PNGs are rejected, not converted, so that what is stored is
 exactly what was downloaded.
 
+No stale data sets: the builder records the manual folder's files it reads (relative name, size
+and modification time of every photo and depth map; not their contents, which would mean reading
+the whole download again on every reuse) in the dataset's metadata (key `manual_files`). Building
+again over a prepared data set compares them with the folder and raises `StaleDataset`, saying
+what was added, removed or changed and how to rebuild, instead of silently reusing it.
+
 This module imports nothing from the rest of the project so that `tfds build tfds_ebb/ebb`
 can load it on its own.
 """
@@ -77,6 +83,56 @@ resizing and stretching for a map of any resolution). Without depth maps build c
 
 class BadInput(ValueError):
     """A file of the manual download cannot be used; the message names it."""
+
+
+class StaleDataset(BadInput):
+    """The prepared data set was built from other files than the manual folder holds now."""
+
+
+FINGERPRINT_KEY = 'manual_files'
+
+
+def manual_files(manual_dir: epath.Path, depth_dir: str, with_depth: bool
+                 ) -> dict[str, list[int]]:
+    """{name: [size in bytes, mtime in seconds]} of the photos and depth maps the builder reads.
+
+    Names are relative to `manual_dir` (absolute for a `depth_dir` outside it).
+    """
+    files = {}
+    for folder in find_folders(manual_dir, depth_dir, with_depth):
+        for sub, suffixes in ((folder.original, _PHOTO_SUFFIXES), (folder.bokeh, _PHOTO_SUFFIXES),
+                              (folder.depth, (_DEPTH_SUFFIX,))):
+            if sub is None:
+                continue
+            for path in sub.iterdir():
+                if path.name.startswith('.') or path.suffix.lower() not in suffixes:
+                    continue
+                try:
+                    name = str(path.relative_to(manual_dir))
+                except ValueError:
+                    name = str(path)
+                files[name] = _size_and_mtime(path)
+    return files
+
+
+def _size_and_mtime(path: epath.Path) -> list[int]:
+    """[bytes, modification time in whole seconds] (epath's stat, which works for gs:// too)."""
+    stat = path.stat()
+    return [int(stat.length), int(stat.mtime)]
+
+
+def compare_files(recorded: dict[str, list[int]], current: dict[str, list[int]]) -> str:
+    """'' when equal, else 'N added (a, b, ...), M removed (...), K changed (...)'."""
+    added = sorted(set(current) - set(recorded))
+    removed = sorted(set(recorded) - set(current))
+    changed = sorted(k for k in set(current) & set(recorded)
+                     if list(current[k]) != list(recorded[k]))
+    parts = []
+    for what, names in (('added', added), ('removed', removed), ('changed', changed)):
+        if names:
+            listed = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
+            parts.append(f'{len(names)} file(s) {what} ({listed})')
+    return '; '.join(parts)
 
 
 def feature_spec(with_depth: bool) -> tfds.features.FeaturesDict:
@@ -287,6 +343,33 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(),
         )
 
+    def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
+        """TFDS's, but a prepared data set is reused only if the manual folder is unchanged."""
+        mode = download_config.download_mode if download_config else None
+        if self.data_path.exists() and not (mode and mode.overwrite_dataset):
+            manual_dir = (download_config and download_config.manual_dir) or epath.Path(
+                download_dir or self.data_dir_root / 'downloads') / 'manual'
+            self.check_up_to_date(epath.Path(manual_dir))
+        super().download_and_prepare(download_dir=download_dir, download_config=download_config,
+                                     **kwargs)
+
+    def check_up_to_date(self, manual_dir: epath.Path) -> None:
+        """Raises StaleDataset when the prepared data set was built from other files than
+        `manual_dir` holds now (data sets without a record, or without the folder, pass)."""
+        recorded = self.info.metadata.get(FINGERPRINT_KEY) if self.info.metadata else None
+        if recorded is None or not manual_dir.exists():
+            return
+        try:
+            current = manual_files(manual_dir, self.depth_dir, self.with_depth)
+        except BadInput:
+            return  # the folder is no longer usable: keep using what was built from it
+        difference = compare_files(recorded, current)
+        if difference:
+            raise StaleDataset(
+                f'{self.data_dir} was built from other files than {manual_dir} holds now: '
+                f'{difference}. Rebuild it: delete {self.data_dir} (or pass --overwrite to '
+                f'tfds_ebb/build.py, or bump the builder VERSION); it is not reused silently')
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         skipped = {}
         splits = {}
@@ -302,6 +385,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             logging.warning('EBB! skip_bad: skipping %d incomplete pair(s): %s', len(skipped),
                             skipped)
         self.info.metadata['skipped'] = skipped
+        self.info.metadata[FINGERPRINT_KEY] = manual_files(
+            epath.Path(dl_manager.manual_dir), self.depth_dir, self.with_depth)
         for name in [name for name, pairs in splits.items() if not pairs]:
             logging.warning('EBB!: no pairs for split %r; it is not created', name)
             del splits[name]
