@@ -153,9 +153,11 @@ def run_train(config, workdir: str) -> None:
 
 
 def run_eval(config, workdir: str) -> None:
-    from bokeh_jax import evaluate
+    from bokeh_jax import checkpoint, evaluate
     from tfds_ebb import prepare
 
+    # The parameters first: a missing or damaged folder is named before any data set is built.
+    checkpoint.load_params(workdir, int(config.eval.params_level) or None)
     prepare.prepare_dataset_once(config.data)
     evaluate.run(config, workdir)
 

@@ -8,6 +8,10 @@ named
 after the paper's feature maps (`d1`, `d3`, `f`, ...), the two transposed convolutions towards the
 next finer level are `up_a` / `up_b`, and the side output of levels 7..3 is `head`. The path to
 output k is therefore: `encoder`, every coarser level without its `head`, and all of level k.
+
+It is longer than the project's other modules on purpose: the seven levels are written out as the
+paper and SPEC list them, block by block, so that each can be checked against the original graph
+line by line; splitting them over files would make that comparison harder.
 """
 
 from typing import Any, Sequence

@@ -159,11 +159,6 @@ def _run_case(case: Case, folder: pathlib.Path) -> subprocess.CompletedProcess:
 
 # Found by this suite, not yet fixed (strict: they fail the suite once fixed, to be unmarked).
 KNOWN_BAD = {
-    'eval_empty_level_1': 'eval prepares the paper config\'s ebb data set (raw ValueError: empty '
-                          'config.data.manual_dir) before it checks the parameters',
-    'eval_truncated_params': 'same as eval_empty_level_1',
-    'train_unknown_field': 'config_flags raises AttributeError for an unknown --config field '
-                           'outside launch._parse_flags\'s try (traceback, exit 1)',
     'render_truncated_params': 'the one-line error is printed, then orbax\'s background thread '
                                'may print "RuntimeError: Event loop is closed" with a traceback (a race: not strict)',
 }
