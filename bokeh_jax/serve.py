@@ -22,6 +22,9 @@ HTTP API (JSON unless an image; errors are {"error": message} with status 4xx/5x
   POST /api/sessions/ID/classical          {"x": 0..1 | null, "y": 0..1 | null, "strength": s}
   GET  /api/sessions/ID/image/WHAT[?size=full&format=png|jpeg&download=1]
                                            WHAT: input, depth, pynet or classical
+
+Length: the HTTP handler, the sessions and the decoding of uploads are one job (the page's server
+side) and share their error handling; the page itself is in serve_page/.
 """
 
 from collections.abc import Callable

@@ -34,6 +34,10 @@ non-finite loss between log steps still stops the run before a checkpoint of bad
 
 The model has no stochastic layers: all randomness of training is the data sampling, which the
 input pipeline derives from (config.seed, level, step). That is what makes resumption exact.
+
+Length: the loop is kept in one file on purpose (as big_vision's train.py), so that a reader
+follows a step from the batch to the checkpoint, the rollback and the stop without jumping;
+everything it only uses lives in training/.
 """
 
 import contextlib
