@@ -52,12 +52,29 @@ from bokeh_jax.errors import UserError
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
                                'default.py')
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config',
-    _DEFAULT_CONFIG + ':demo',
-    'Experiment config file, optionally with :VARIANT.',
-    lock_config=True,
-)
+
+
+def _override_error(error: Exception, argv: list[str]) -> str:
+    """One line for a bad `--config.x` override: the flag(s) and what ml_collections said."""
+    text = str(error.args[0] if error.args else error)
+    for old, new in (('\\n', ' '), ('\n', ' '), ("\\'", ''), ("'", '')):
+        text = text.replace(old, new)
+    overrides = [a for a in argv[1:] if a.startswith('--config.')]
+    named = [a.split('=')[0] for a in overrides
+             if a.split('=')[0].rsplit('.', 1)[-1] in text] or overrides
+    return f'{", ".join(named) or "--config"}: {text}'
+
+
+try:  # without --config, config_flags applies the overrides to the default right here
+    _CONFIG = config_flags.DEFINE_config_file(
+        'config',
+        _DEFAULT_CONFIG + ':demo',
+        'Experiment config file, optionally with :VARIANT.',
+        lock_config=True,
+    )
+except (KeyError, AttributeError, TypeError, ValueError) as _error:
+    print(f'error: {_override_error(_error, sys.argv)}', file=sys.stderr)
+    sys.exit(2)
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir/demo',
                                'Directory for checkpoints, logs and results.')
 _MODE = flags.DEFINE_string('mode', 'train', 'What to run; see the module docstring.')
@@ -331,13 +348,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         raise UserError(str(e)) from None
     except (KeyError, AttributeError, TypeError, ValueError) as e:
-        text = str(e.args[0] if e.args else e)
-        for old, new in (('\\n', ' '), ('\n', ' '), ("\\'", ''), ("'", '')):
-            text = text.replace(old, new)
-        overrides = [a for a in argv[1:] if a.startswith('--config.')]
-        named = [a.split('=')[0] for a in overrides
-                 if a.split('=')[0].rsplit('.', 1)[-1] in text] or overrides
-        raise UserError(f'{", ".join(named) or "--config"}: {text}') from None
+        raise UserError(_override_error(e, argv)) from None
 
 
 def _run() -> None:

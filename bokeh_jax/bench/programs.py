@@ -14,6 +14,7 @@ import ml_collections
 
 from bokeh_jax import model as model_lib
 from bokeh_jax import train
+from bokeh_jax.training import optimizer as optimizer_lib
 
 # Leaky ReLU slope of every conv (SPEC "Primitives"), for the per-shape profile.
 SLOPE = 0.2
@@ -42,8 +43,8 @@ class TrainProgram:
 def train_program(
     config: ml_collections.ConfigDict, model: model_lib.PyNET, level: int
 ) -> TrainProgram:
-    """The project's step (`train.make_train_step`, loss 100 * MAE, `train.make_optimizer`)."""
-    tx = train.make_optimizer(config, level)
+    """The project's step (`train.make_train_step`, loss 100 * MAE, `optimizer.make_optimizer`)."""
+    tx = optimizer_lib.make_optimizer(config, level)
     per_device = train.make_train_step(model, level, {'mae': 100.0}, tx)
     devices = jax.local_devices()[:1]
 
