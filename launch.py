@@ -358,7 +358,12 @@ def _run() -> None:
         if _DEBUG.present and _DEBUG.value:
             raise
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Not sys.exit: library threads (orbax's event loop after a failed restore) would print
+        # tracebacks of their own while the interpreter shuts down. Nothing is left to clean up:
+        # user errors come before any work, and the workdir lock dies with the process.
+        os._exit(EXIT_USER_ERROR)
 
 
 if __name__ == '__main__':
