@@ -59,3 +59,18 @@ def random_photo(rng, height, width):
 def save_png(path, array):
     Image.fromarray(array).save(path)
     return str(path)
+
+
+def tiny_config(data_dir: str, **overrides):
+    """configs/default.py:tiny reading data_dir, with dotted overrides ('train.level7.steps': 3)."""
+    from configs import default
+
+    config = default.get_config('tiny')
+    config.data.data_dir = data_dir
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split('.')
+        for name in parents:
+            target = target[name]
+        target[leaf] = value
+    return config

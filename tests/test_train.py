@@ -22,19 +22,7 @@ from bokeh_jax.training import optimizer as optimizer_lib
 from bokeh_jax import model as model_lib
 from configs import default
 from tfds_ebb import prepare
-from helpers import ROOT, assert_trees_equal, launch, launch_command, launch_env
-
-
-def tiny_config(data_dir: str, **overrides):
-    config = default.get_config('tiny')
-    config.data.data_dir = data_dir
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split('.')
-        for name in parents:
-            target = target[name]
-        target[leaf] = value
-    return config
+from helpers import ROOT, assert_trees_equal, launch, launch_command, launch_env, tiny_config
 
 
 @pytest.fixture(scope='module')

@@ -8,19 +8,7 @@ from bokeh_jax import model as model_lib
 from bokeh_jax.training import config_checks
 from bokeh_jax.training import optimizer as optimizer_lib
 from configs import default
-from helpers import assert_trees_equal
-
-
-def tiny_config(data_dir: str, **overrides):
-    config = default.get_config('tiny')
-    config.data.data_dir = data_dir
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split('.')
-        for name in parents:
-            target = target[name]
-        target[leaf] = value
-    return config
+from helpers import assert_trees_equal, tiny_config
 
 
 def test_trainable_groups_by_name():
