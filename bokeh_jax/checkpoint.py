@@ -7,6 +7,8 @@ Render, eval and fine-tuning read them with `load_params`. Resumable training st
 separately in `WORKDIR/checkpoints/` (see train.py).
 """
 
+import hashlib
+import json
 import os
 import re
 from typing import Any
@@ -19,6 +21,10 @@ from bokeh_jax import model as model_lib
 from bokeh_jax.errors import MissingFileError, UserError
 
 _LEVEL_DIR = re.compile(r'^level_([1-7])$')
+# Written after orbax has finished: size and sha256 of every file of the params item. A damaged
+# file is then named before orbax reads it (a failed orbax restore leaves event-loop threads that
+# print tracebacks of their own). Folders without it (older saves) are restored unchecked.
+MANIFEST = 'files.json'
 
 
 def params_dir(workdir: str, level: int) -> str:
@@ -54,7 +60,55 @@ def save_params(workdir: str, level: int, params: Any, meta: dict) -> str:
             ),
             force=True,
         )
+    if jax.process_index() == 0:
+        _write_manifest(path)
     return path
+
+
+def _digest(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _params_files(path: str) -> dict[str, str]:
+    root = os.path.join(path, 'params')
+    return {os.path.relpath(os.path.join(d, name), path): os.path.join(d, name)
+            for d, _, names in os.walk(root) for name in names}
+
+
+def _write_manifest(path: str) -> None:
+    files = {rel: {'bytes': os.path.getsize(full), 'sha256': _digest(full)}
+             for rel, full in sorted(_params_files(path).items())}
+    temporary = os.path.join(path, MANIFEST + '.tmp')
+    with open(temporary, 'w') as f:
+        json.dump(files, f, indent=1)
+    os.replace(temporary, os.path.join(path, MANIFEST))
+
+
+def _check_manifest(path: str) -> None:
+    """Names the first file of `path`/params that is missing, truncated or altered."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest):
+        return
+    try:
+        with open(manifest) as f:
+            files = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'{manifest} cannot be read ({e})') from None
+    for rel, expected in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            raise UserError(f'{path}/params is damaged: {rel} is missing')
+        size = os.path.getsize(full)
+        if size != expected['bytes']:
+            raise UserError(f'{path}/params is damaged or truncated: {rel} has {size} bytes, '
+                            f'{expected["bytes"]} were written')
+        if _digest(full) != expected['sha256']:
+            raise UserError(f'{path}/params is damaged: {rel} differs from what was written '
+                            f'(sha256)')
 
 
 def _check_complete(path: str) -> None:
@@ -107,6 +161,7 @@ def load_params(workdir: str, level: int | None = None) -> tuple[Any, dict]:
             f'No parameters for level {level} at {path!r} (saved levels: {levels})'
         )
     meta = read_meta(workdir, level)
+    _check_manifest(path)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         expected = model_lib.param_shapes(meta['channels'], meta['input_channels'])
         target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected)

@@ -158,20 +158,7 @@ def _run_case(case: Case, folder: pathlib.Path) -> subprocess.CompletedProcess:
 
 
 # Found by this suite, not yet fixed (strict: they fail the suite once fixed, to be unmarked).
-KNOWN_BAD = {
-    'render_truncated_params': 'the one-line error is printed, then orbax\'s background thread '
-                               'may print "RuntimeError: Event loop is closed" with a traceback (a race: not strict)',
-}
-
-
-def _param(case: Case):
-    marks = [pytest.mark.xfail(reason=KNOWN_BAD[case.name],
-                               strict=case.name != 'render_truncated_params')] if (
-        case.name in KNOWN_BAD) else []
-    return pytest.param(case, id=case.name, marks=marks)
-
-
-@pytest.mark.parametrize('case', [_param(c) for c in CASES])
+@pytest.mark.parametrize('case', [pytest.param(c, id=c.name) for c in CASES])
 def test_misuse_is_one_line_exit_2_and_changes_nothing(case, shared, tmp_path):
     folder = tmp_path
     shutil.copytree(shared, folder, dirs_exist_ok=True)
