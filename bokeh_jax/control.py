@@ -1,0 +1,127 @@
+"""Aperture and focus control: what a conditioned PyNET is told besides the photo and depth.
+
+A conditioned model (config.model.condition) receives, after the usual RGB(+depth) channels, one
+or two control maps at the input's resolution:
+
+- 'aperture': s = 2 / N everywhere (N the f-number; s = 1 at f/2, the scale of Bokehlicious,
+  ICCV 2025). Larger s = a wider aperture = more blur.
+- 'aperture_focus': s, and the signed defocus map s * (disparity - focus_disparity) (BokehMe's
+  formula, CVPR 2022): zero on the focal plane, its sign tells near from far.
+
+The thin-lens blur of a point grows with the aperture diameter, i.e. with 1 / N, so the
+synthetic renderer's blur strength at f-number N is `blur_strength(strength_at_f2, N)`, the one
+mapping from f-number to blur used everywhere (data generation, sweeps, the page).
+"""
+
+import numpy as np
+
+CONDITIONS = ('none', 'aperture', 'aperture_focus')
+REFERENCE_FNUMBER = 2.0  # s = 1 here
+FNUMBER_RANGE = (1.0, 32.0)  # what the flags and the page accept
+# The full stops from f/2 to f/16: the default set the synthetic builder draws from.
+FULL_STOPS = (2.0, 2.8, 4.0, 5.6, 8.0, 11.0, 16.0)
+
+
+def check_condition(condition: str) -> str:
+    if condition not in CONDITIONS:
+        raise ValueError(f'model.condition must be one of {CONDITIONS}; got {condition!r}')
+    return condition
+
+
+def condition_channels(condition: str) -> int:
+    """How many control maps follow the RGB(+depth) channels: 0, 1 or 2."""
+    return CONDITIONS.index(check_condition(condition))
+
+
+def check_fnumber(value: float, what: str = 'f-number') -> float:
+    """`value` as a float inside FNUMBER_RANGE, else a ValueError naming `what`."""
+    try:
+        fnumber = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'{what} must be a number (an f-number such as 2.8); got {value!r}') from None
+    low, high = FNUMBER_RANGE
+    if not np.isfinite(fnumber) or not low <= fnumber <= high:
+        raise ValueError(f'{what} must be an f-number between {low:g} and {high:g}; got {value!r}')
+    return fnumber
+
+
+def aperture_scale(fnumber) -> np.ndarray:
+    """s = 2 / N (float32; array in, array out)."""
+    return (REFERENCE_FNUMBER / np.asarray(fnumber, np.float32)).astype(np.float32)
+
+
+def blur_strength(strength_at_f2: float, fnumber) -> np.ndarray:
+    """The synthetic renderer's blur strength (disc diameter / image height per unit of
+    |disparity - focus|) at f-number N: proportional to the aperture diameter, i.e. to s."""
+    return (strength_at_f2 * aperture_scale(fnumber)).astype(np.float32)
+
+
+def condition_maps(condition: str, fnumber, disparity: np.ndarray | None = None,
+                   focus_disparity=None) -> np.ndarray:
+    """The control maps of a batch: float32 [N, H, W, condition_channels(condition)].
+
+    fnumber: [N] (or a scalar); disparity: [N, H, W] or [N, H, W, 1] in [0, 1], near = 1 (only its
+    shape is used for 'aperture'); focus_disparity: [N] (or a scalar), needed for 'aperture_focus'.
+    """
+    count = condition_channels(condition)
+    if disparity is None:
+        raise ValueError('condition_maps needs the disparity (or an array of its shape)')
+    disparity = np.asarray(disparity, np.float32)
+    if disparity.ndim == 4:
+        disparity = disparity[..., 0]
+    if disparity.ndim != 3:
+        raise ValueError(f'disparity must be [N, H, W] or [N, H, W, 1]; got {disparity.shape}')
+    n = disparity.shape[0]
+    if count == 0:
+        return np.zeros((*disparity.shape, 0), np.float32)
+    s = np.broadcast_to(aperture_scale(fnumber).reshape(-1), (n,))[:, None, None]
+    maps = [np.broadcast_to(s, disparity.shape)]
+    if count == 2:
+        if focus_disparity is None:
+            raise ValueError("condition 'aperture_focus' needs focus_disparity")
+        focus = np.broadcast_to(np.asarray(focus_disparity, np.float32).reshape(-1), (n,))
+        maps.append(s * (disparity - focus[:, None, None]))
+    return np.stack(maps[:count], axis=-1).astype(np.float32)
+
+
+def append_condition(x: np.ndarray, condition: str, fnumber, focus_disparity=None) -> np.ndarray:
+    """x [N, H, W, C] (C = 3 RGB or 4 RGB + depth, depth last) followed by its control maps.
+    'aperture_focus' reads the disparity from channel 3, so it needs C = 4."""
+    x = np.asarray(x, np.float32)
+    if condition_channels(condition) == 0:
+        return x
+    if condition == 'aperture_focus' and x.shape[-1] != 4:
+        raise ValueError("condition 'aperture_focus' needs RGB + depth input (4 channels); got "
+                         f'{x.shape[-1]}')
+    disparity = x[..., 3] if x.shape[-1] == 4 else x[..., 0]
+    return np.concatenate([x, condition_maps(condition, fnumber, disparity, focus_disparity)], -1)
+
+
+def focus_disparity_at(disparity: np.ndarray, row: float, col: float,
+                       radius: float = 0.02) -> float:
+    """The disparity a click at (row, col) focuses on: the median of a square of half-side
+    `radius` * the map's larger side around it (robust to a click on an edge). row and col are
+    pixels of the map; outside it, a ValueError."""
+    disparity = np.asarray(disparity, np.float32)
+    if disparity.ndim == 3:
+        disparity = disparity[..., 0]
+    height, width = disparity.shape
+    if not (0 <= row < height and 0 <= col < width):
+        raise ValueError(f'focus point ({col:g}, {row:g}) (x, y) lies outside the {width}x{height} '
+                         'image')
+    half = max(1, int(round(radius * max(height, width))))
+    r, c = int(row), int(col)
+    window = disparity[max(0, r - half):r + half + 1, max(0, c - half):c + half + 1]
+    return float(np.median(window))
+
+
+def parse_focus(text: str) -> tuple[float, float]:
+    """'X,Y' (pixels of the photo, x to the right, y down) as (x, y) floats."""
+    parts = text.split(',')
+    try:
+        x, y = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f'--focus must be X,Y (a pixel of the photo, e.g. 640,360); got '
+                         f'{text!r}') from None
+    return x, y
+
