@@ -287,19 +287,25 @@ def make_depth_maps(
     return written
 
 
-def import_weights(weights_path: str, workdir: str) -> tuple[str, int]:
-    """`--mode=import_depth`: reads best_generalization_net_G.pth (torch-free, restricted
-    unpickling) and stores the tree in WORKDIR/depth/megadepth/. Returns (directory, #params)."""
-    import hashlib
-
+def read_weights(weights_path: str) -> dict:
+    """The MegaDepth parameter tree of best_generalization_net_G.pth (or any state dict of that
+    layout), read without PyTorch (restricted unpickling); DepthError names the file."""
     from bokeh_jax import torch_pickle
 
     try:
         state_dict = torch_pickle.load_state_dict(weights_path)
-        params = megadepth.params_from_state_dict(state_dict, weights_path)
+        return megadepth.params_from_state_dict(state_dict, weights_path)
     except (FileNotFoundError, torch_pickle.UnsafePickleError, torch_pickle.TorchFileError,
             megadepth.WeightsError) as e:
         raise DepthError(str(e)) from None
+
+
+def import_weights(weights_path: str, workdir: str) -> tuple[str, int]:
+    """`--mode=import_depth`: reads best_generalization_net_G.pth (read_weights) and stores the
+    tree in WORKDIR/depth/megadepth/. Returns (directory, #params)."""
+    import hashlib
+
+    params = read_weights(weights_path)
     with open(weights_path, 'rb') as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     count = sum(int(np.size(v)) for v in jax.tree.leaves(params))

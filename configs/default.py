@@ -74,10 +74,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.conv_impl = 'xla'
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = 'ebb'  # TFDS builder: 'ebb' (manual download) or 'synthetic_bokeh'
+    # TFDS builder: 'ebb' (manual download), 'synthetic_bokeh' or 'realbokeh' (manual download;
+    # its splits are train, validation, test: set eval_split)
+    config.data.name = 'ebb'
     config.data.builder_config = 'rgbd'  # 'rgbd' (photo + depth, the paper) or 'rgb' (no depth)
     config.data.data_dir = ''  # TFDS data dir; '' = TFDS default (~/tensorflow_datasets)
-    config.data.manual_dir = ''  # where the EBB! download lives (only needed to build 'ebb')
+    config.data.manual_dir = ''  # where the EBB! / RealBokeh download lives (to build them)
     config.data.train_split = 'train'
     config.data.eval_split = 'val294'
     config.data.crop_size = 512  # side of the half-resolution input patch; target patch is 2x
@@ -89,6 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.cache_mb = 0
     config.data.depth_dir = ''  # ebb: folder of <id>.png depth maps; '' = <layout>/original_depth
     config.data.skip_bad = False  # ebb: skip (and list) unusable pairs instead of stopping
+    # realbokeh, config rgbd: MegaDepth's best_generalization_net_G.pth; the release has no depth,
+    # so the builder estimates it (bokeh_jax/depth_maps.py) while building.
+    config.data.megadepth_weights = ''
     # synthetic_bokeh: what is generated (scene i of a split is a function of seed, split, i);
     # photo sides must be multiples of 64. A copy on disk made with other values is regenerated.
     config.data.synthetic = ml_collections.ConfigDict(

@@ -22,7 +22,12 @@ import tensorflow_datasets as tfds
 from bokeh_jax import dataset
 from bokeh_jax.errors import UserError
 from tfds_ebb.ebb import ebb_dataset_builder
+from tfds_ebb.realbokeh import realbokeh_dataset_builder
 from tfds_ebb.synthetic_bokeh import synthetic_bokeh_dataset_builder  # registers the builder
+
+# The builders that read config.data.manual_dir, and what they tell a user without one.
+_MANUAL = {'ebb': ebb_dataset_builder, 'realbokeh': realbokeh_dataset_builder}
+
 
 def builder_kwargs(data: ml_collections.ConfigDict) -> dict[str, Any]:
     """Builder arguments (besides config, data_dir, file_format) from `config.data`."""
@@ -30,7 +35,10 @@ def builder_kwargs(data: ml_collections.ConfigDict) -> dict[str, Any]:
         return dataset.synthetic_settings(data)
     if data.name == 'ebb':
         return {'depth_dir': data.depth_dir, 'skip_bad': bool(data.skip_bad)}
-    raise ValueError(f"config.data.name must be 'ebb' or 'synthetic_bokeh', got {data.name!r}")
+    if data.name == 'realbokeh':
+        return {'megadepth_weights': data.megadepth_weights}
+    raise ValueError(f"config.data.name must be 'ebb', 'synthetic_bokeh' or 'realbokeh', got "
+                     f"{data.name!r}")
 
 
 def dataset_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -44,7 +52,8 @@ def prepare_dataset(data: ml_collections.ConfigDict) -> None:
 
     `synthetic_bokeh` is generated on the spot; if the copy on disk was generated with other
     `config.data.synthetic` settings (or by another generator version), it is regenerated (it is
-    a pure function of them). `ebb` needs the download in `config.data.manual_dir`. Processes
+    a pure function of them). `ebb` and `realbokeh` need the download in
+    `config.data.manual_dir`; a problem with it (the builder's BadInput) is a UserError. Processes
     that call this at the same time on one machine (or a shared file system with POSIX locks)
     build once: the others wait on a lock file next to the data set and then find it prepared.
     """
@@ -52,7 +61,7 @@ def prepare_dataset(data: ml_collections.ConfigDict) -> None:
         builder = dataset_builder(data)  # what is on disk now that we hold the lock
         if builder.is_prepared():
             _check_prepared(data, builder)
-            if data.name == 'ebb' and data.manual_dir:
+            if data.name in _MANUAL and data.manual_dir:
                 _check_up_to_date(builder, data)
             if not (data.name == 'synthetic_bokeh' and _synthetic_differs(builder)):
                 return
@@ -61,16 +70,19 @@ def prepare_dataset(data: ml_collections.ConfigDict) -> None:
             builder.data_path.rmtree()
             builder = dataset_builder(data)
         download_config = None
-        if data.name == 'ebb':
+        if data.name in _MANUAL:
             if not data.manual_dir:
                 raise ValueError(
-                    'config.data.manual_dir is empty: EBB! must be downloaded by hand and the '
-                    'field set to its folder.\n\n'
-                    + ebb_dataset_builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
+                    f'config.data.manual_dir is empty: {data.name} must be downloaded by hand '
+                    'and the field set to its folder.\n\n'
+                    + _MANUAL[data.name].MANUAL_DOWNLOAD_INSTRUCTIONS)
             download_config = tfds.download.DownloadConfig(manual_dir=data.manual_dir)
         logging.info('Building %s/%s into %s', data.name, data.builder_config, builder.data_dir)
-        builder.download_and_prepare(file_format=dataset.FILE_FORMAT,
-                                     download_config=download_config)
+        try:
+            builder.download_and_prepare(file_format=dataset.FILE_FORMAT,
+                                         download_config=download_config)
+        except ebb_dataset_builder.BadInput as e:
+            raise UserError(f'{e} (config.data.manual_dir={data.manual_dir})') from None
 
 
 def prepare_dataset_once(data: ml_collections.ConfigDict) -> None:
@@ -111,7 +123,7 @@ def _check_prepared(data: ml_collections.ConfigDict, builder: tfds.core.DatasetB
 
 
 def _check_up_to_date(builder: tfds.core.DatasetBuilder, data: ml_collections.ConfigDict) -> None:
-    """ebb on disk must have been built from what config.data.manual_dir holds now."""
+    """ebb / realbokeh on disk must have been built from what config.data.manual_dir holds."""
     try:
         builder.check_up_to_date(epath.Path(data.manual_dir))
     except ebb_dataset_builder.StaleDataset as e:

@@ -111,11 +111,11 @@ def manual_files(manual_dir: epath.Path, depth_dir: str, with_depth: bool
                     name = str(path.relative_to(manual_dir))
                 except ValueError:
                     name = str(path)
-                files[name] = _size_and_mtime(path)
+                files[name] = size_and_mtime(path)
     return files
 
 
-def _size_and_mtime(path: epath.Path) -> list[int]:
+def size_and_mtime(path: epath.Path) -> list[int]:
     """[bytes, modification time in whole seconds] (epath's stat, which works for gs:// too)."""
     stat = path.stat()
     return [int(stat.length), int(stat.mtime)]
@@ -303,7 +303,46 @@ def read_pair(stem: str, sharp: epath.Path, bokeh: epath.Path, depth: epath.Path
     return example
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class CheckedManualFolder:
+    """Mixin of builders from a manual folder: a prepared data set is reused only if the folder
+    still holds the files it was built from.
+
+    The builder records `self.fingerprint(manual_dir)` ({name: [size, mtime]} of every file it
+    reads) in its metadata under FINGERPRINT_KEY while building; building again compares.
+    """
+
+    def fingerprint(self, manual_dir: epath.Path) -> dict[str, list[int]]:
+        raise NotImplementedError
+
+    def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
+        """TFDS's, but a prepared data set is reused only if the manual folder is unchanged."""
+        mode = download_config.download_mode if download_config else None
+        if self.data_path.exists() and not (mode and mode.overwrite_dataset):
+            manual_dir = (download_config and download_config.manual_dir) or epath.Path(
+                download_dir or self.data_dir_root / 'downloads') / 'manual'
+            self.check_up_to_date(epath.Path(manual_dir))
+        super().download_and_prepare(download_dir=download_dir, download_config=download_config,
+                                     **kwargs)
+
+    def check_up_to_date(self, manual_dir: epath.Path) -> None:
+        """Raises StaleDataset when the prepared data set was built from other files than
+        `manual_dir` holds now (data sets without a record, or without the folder, pass)."""
+        recorded = self.info.metadata.get(FINGERPRINT_KEY) if self.info.metadata else None
+        if recorded is None or not manual_dir.exists():
+            return
+        try:
+            current = self.fingerprint(manual_dir)
+        except BadInput:
+            return  # the folder is no longer usable: keep using what was built from it
+        difference = compare_files(recorded, current)
+        if difference:
+            raise StaleDataset(
+                f'{self.data_dir} was built from other files than {manual_dir} holds now: '
+                f'{difference}. Rebuild it: delete {self.data_dir} (or pass --overwrite to '
+                f'tfds_ebb/build.py, or bump the builder VERSION); it is not reused silently')
+
+
+class Builder(CheckedManualFolder, tfds.core.GeneratorBasedBuilder):
     """EBB! from a manually downloaded folder (see MANUAL_DOWNLOAD_INSTRUCTIONS)."""
 
     VERSION = tfds.core.Version('1.0.0')
@@ -343,32 +382,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(),
         )
 
-    def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
-        """TFDS's, but a prepared data set is reused only if the manual folder is unchanged."""
-        mode = download_config.download_mode if download_config else None
-        if self.data_path.exists() and not (mode and mode.overwrite_dataset):
-            manual_dir = (download_config and download_config.manual_dir) or epath.Path(
-                download_dir or self.data_dir_root / 'downloads') / 'manual'
-            self.check_up_to_date(epath.Path(manual_dir))
-        super().download_and_prepare(download_dir=download_dir, download_config=download_config,
-                                     **kwargs)
-
-    def check_up_to_date(self, manual_dir: epath.Path) -> None:
-        """Raises StaleDataset when the prepared data set was built from other files than
-        `manual_dir` holds now (data sets without a record, or without the folder, pass)."""
-        recorded = self.info.metadata.get(FINGERPRINT_KEY) if self.info.metadata else None
-        if recorded is None or not manual_dir.exists():
-            return
-        try:
-            current = manual_files(manual_dir, self.depth_dir, self.with_depth)
-        except BadInput:
-            return  # the folder is no longer usable: keep using what was built from it
-        difference = compare_files(recorded, current)
-        if difference:
-            raise StaleDataset(
-                f'{self.data_dir} was built from other files than {manual_dir} holds now: '
-                f'{difference}. Rebuild it: delete {self.data_dir} (or pass --overwrite to '
-                f'tfds_ebb/build.py, or bump the builder VERSION); it is not reused silently')
+    def fingerprint(self, manual_dir: epath.Path) -> dict[str, list[int]]:
+        return manual_files(manual_dir, self.depth_dir, self.with_depth)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         skipped = {}

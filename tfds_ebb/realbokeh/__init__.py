@@ -1,0 +1,3 @@
+"""The `realbokeh` TFDS builder (RealBokeh from a manual download)."""
+
+from .realbokeh_dataset_builder import Builder
