@@ -52,6 +52,8 @@ def make_folder(root: pathlib.Path) -> pathlib.Path:
             metadata = {'id': scene, 'source_av': 22, 'focal_length': 50.0,
                         'focus_plane_distance': 1.5 + int(scene),
                         'target_avs': [float(s) for s in spellings]}
+            if scene == '2':  # the input's f-number from its name; no focal length
+                del metadata['source_av'], metadata['focal_length']
             (root / split / 'metadata' / f'{scene}.json').write_text(json.dumps(metadata))
             seed += 1
     return root
@@ -109,8 +111,8 @@ def test_rgb_one_example_per_scene_and_aperture(tmp_path):
         assert r['sharp'] == (manual / 'train' / 'in' / f'{scene}_f22.JPG').read_bytes()
         assert r['bokeh'] == (manual / 'train' / 'gt' / scene / (r['id'].decode() + '.JPG')
                               ).read_bytes()
-        assert r['source_fnumber'] == 22
-        assert r['focal_length'] == 50 and r['focus_plane_distance'] == 1.5 + int(scene)
+        assert r['source_fnumber'] == 22 and r['focus_plane_distance'] == 1.5 + int(scene)
+        assert r['focal_length'] == 50 if scene != '2' else np.isnan(r['focal_length'])
     assert builder.info.metadata['unlisted'] == [str(extra)]
 
 
@@ -127,6 +129,10 @@ def test_rgbd_depth_is_megadepth_of_the_input(rgbd, weights):
         assert depth.shape == (PHOTO_HW[0] // 2, PHOTO_HW[1] // 2) == expected.shape
         np.testing.assert_array_equal(depth, expected)
     assert len(records(builder, 'train')) == 7
+
+
+def test_the_package_registers_it():
+    assert 'realbokeh' in tfds.list_builders(with_community_datasets=False)
 
 
 def test_rgbd_needs_weights(tmp_path):
@@ -234,13 +240,14 @@ def test_not_reused_when_the_folder_or_the_weights_changed(tmp_path, rgbd, weigh
 
 
 def test_tfds_build_command_loads_it_by_path(tmp_path):
-    """tfds_ebb/build.py (TFDS's `build` without apache-beam) with the builder's folder."""
+    """tfds_ebb/build.py (TFDS's `build` without apache-beam) with the builder's folder; the
+    module imports tfds_ebb and bokeh_jax as installed packages (PYTHONPATH: this checkout's)."""
     manual = make_folder(tmp_path / 'manual')
     subprocess.run([sys.executable, 'tfds_ebb/build.py', 'tfds_ebb/realbokeh',
                     f'--manual_dir={manual}', '--config=rgb', f'--data_dir={tmp_path / "data"}',
                     '--file_format=array_record'],
-                   cwd=ROOT, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'}, check=True,
-                   capture_output=True)
+                   cwd=ROOT, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'PYTHONPATH': ROOT},
+                   check=True, capture_output=True)
     builder = tfds.builder('realbokeh', config='rgb', data_dir=str(tmp_path / 'data'))
     assert builder.info.splits['train'].num_examples == 7
 

@@ -30,6 +30,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import re
 
 from absl import logging
@@ -135,9 +136,11 @@ def _number(metadata: dict, key: str) -> float:
     return float(value)
 
 
-def read_metadata(path: epath.Path, input_fnumber: float) -> tuple[list[float], float, float, float]:
+def read_metadata(path: epath.Path, input_fnumber: float
+                  ) -> tuple[list[float], float, float, float]:
     """(target f-numbers, source f-number, focal length, focus plane distance) of one scene's
-    metadata file; BadInput names the file and the field."""
+    metadata file; BadInput names the file and the field. The source f-number is `source_av`,
+    or without it the input photo's (`input_fnumber`, from its name)."""
     try:
         metadata = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -156,9 +159,6 @@ def read_metadata(path: epath.Path, input_fnumber: float) -> tuple[list[float], 
         source = input_fnumber
         if metadata.get('source_av') is not None:
             source = control.check_fnumber(metadata['source_av'], 'source_av')
-            if _key(source) != _key(input_fnumber):
-                raise ValueError(f'source_av is {source:g} but the input photo is named '
-                                 f'f{input_fnumber:g}')
         return (targets, source, _number(metadata, 'focal_length'),
                 _number(metadata, 'focus_plane_distance'))
     except ValueError as e:
@@ -259,7 +259,7 @@ def scenes(folder: epath.Path, unlisted: list[str]) -> list[Scene]:
 
 def manual_files(manual_dir: epath.Path) -> dict[str, list[int]]:
     """{name relative to manual_dir: [size, mtime]} of the photos and metadata files read."""
-    files = {}
+    files, manual_dir = {}, epath.Path(manual_dir)
     for folder in split_folders(manual_dir).values():
         paths = _photos(folder / 'in') + [
             p for p in (folder / 'metadata').iterdir() if p.suffix.lower() == '.json']
@@ -347,7 +347,7 @@ class Builder(ebb.CheckedManualFolder, tfds.core.GeneratorBasedBuilder):
                            'the builder argument megadepth_weights=PATH of '
                            'best_generalization_net_G.pth (config.data.megadepth_weights), or '
                            'build config rgb')
-        return epath.Path(self.megadepth_weights).resolve()
+        return epath.Path(os.path.abspath(self.megadepth_weights))
 
     def fingerprint(self, manual_dir: epath.Path) -> dict[str, list[int]]:
         """The files read (ebb.CheckedManualFolder); for rgbd also the weights file, under a name
