@@ -167,7 +167,9 @@ def make_example(generation: Generation, with_depth: bool, split: str, index: in
     # Drawn after the scene, so that the scene does not depend on them.
     fnumber = generation.fnumbers[int(rng.integers(len(generation.fnumbers)))]
     focus = scenes.choose_focus(rng, scene, generation.focus)
-    strength = float(control.blur_strength(generation.strength, fnumber))
+    # control.blur_strength (strength * 2 / N) in float64: exactly `strength` at f/2, so that every
+    # image size renders as before (float32's 0.06 is an ulp off in some heights' blur).
+    strength = generation.strength * float(control.aperture_scale(fnumber))
     sharp, bokeh, depth = scenes.render_pair(scene, strength, focus)
     example = {'id': f'{split}_{index:05d}', 'sharp': _encode(sharp, 'JPEG'),
                'bokeh': _encode(bokeh, 'JPEG'), 'fnumber': np.float32(fnumber),
