@@ -48,8 +48,13 @@ def synthetic_settings(data: ml_collections.ConfigDict) -> dict[str, Any]:
     """The synthetic_bokeh builder arguments that data.synthetic sets (its metadata.json keeps
     them)."""
     settings = {field: int(data.synthetic[field]) for field in _SYNTHETIC_FIELDS}
+    # Absent from configs written before #22 (a workdir's saved config): the fixed look.
+    fnumbers = data.synthetic.get('fnumbers', (2.0,))
+    fnumbers = fnumbers if isinstance(fnumbers, (tuple, list)) else (fnumbers,)
     return {**settings, 'strength': float(data.synthetic.strength),
-            'foreground': bool(data.synthetic.foreground)}
+            'foreground': bool(data.synthetic.foreground),
+            'fnumbers': [float(v) for v in fnumbers],  # a list, as metadata.json reads back
+            'focus': str(data.synthetic.get('focus', 'subject'))}
 
 
 def synthetic_differs(data: ml_collections.ConfigDict, metadata: dict[str, Any]) -> bool:
@@ -57,6 +62,11 @@ def synthetic_differs(data: ml_collections.ConfigDict, metadata: dict[str, Any])
     settings than data.synthetic asks for."""
     wanted = synthetic_settings(data)
     return {k: metadata.get(k) for k in wanted} != wanted
+
+
+def feature_names(data: ml_collections.ConfigDict) -> set[str]:
+    """The features of the records of the prepared data set `data` names (e.g. 'fnumber')."""
+    return set(dataset_builder(data).info.features)
 
 
 class Source:

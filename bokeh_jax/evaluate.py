@@ -10,12 +10,18 @@ on the full-size photos and depth maps that the eval batches carry for them
 (input_pipeline.eval_iterator's `with_photos`). The classical renderer costs about 1-3 s per
 EBB! photo on one CPU core; `config.eval.baselines` selects which baselines run. On
 `synthetic_bokeh` the classical baseline is close to perfect: that data set is rendered by the
-same renderer.
+same renderer. Where the records say at which f-number N and focal plane the target was taken,
+the classical baseline renders at them (strength control.blur_strength(DEFAULT_STRENGTH, N), the
+record's focus_disparity; what a conditioned model is told), else at f/2 and classical.auto_focus.
 
 Multi-process: every process runs the same number of steps (the pipeline pads each share with
 entries whose `valid` is False) and the same pmapped calls (the image sizes of a step are agreed
 over all processes). Per-image rows are gathered so that every process returns the same summary;
 process 0 writes the files (reports.py arranges and writes them).
+
+Records with an f-number (synthetic_bokeh, realbokeh) are also summarized per f-number, the
+baselines included (reports.summarize's `per_fnumber`); a conditioned model (meta `condition`,
+absent = 'none') gets its control maps from the input pipeline.
 
 What is scored is explicit: `evaluate_split(params, meta, data, split, options)` takes
 config.data and an `Options` (config.eval and config.model resolved once by
@@ -39,6 +45,7 @@ from PIL import Image
 
 from bokeh_jax import checkpoint
 from bokeh_jax import classical
+from bokeh_jax import control
 from bokeh_jax import eval_protocol
 from bokeh_jax import image_ops
 from bokeh_jax import input_pipeline
@@ -192,7 +199,8 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
 
     Returns:
       SplitResult. rows: one dict per image in split order: id, height, width (the photo),
-      level_height, level_width (the scored output), and `<method>_<metric>` for method in
+      level_height, level_width (the scored output), fnumber (only when the records have one),
+      and `<method>_<metric>` for method in
       model/identity/classical: float, or None where undefined. grid: when
       options.grid_images > 0.
     """
@@ -220,7 +228,7 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
     batches = input_pipeline.eval_iterator(
         data, split, num_local_devices=num_devices, process_index=jax.process_index(),
         process_count=jax.process_count(), max_images=options.max_images,
-        with_photos=len(methods) > 1)
+        with_photos=len(methods) > 1, condition=meta.get('condition', 'none'))
     p_predict = _pmapped_predict(int(meta['channels']), options.dtype, level, options.conv_impl)
     replicated = flax.jax_utils.replicate(params)
     lpips_params = flax.jax_utils.replicate(lpips_model.params if lpips_model else {})
@@ -229,7 +237,7 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
     extremes = reports.Extremes(options.grid_images)
     tile = None
 
-    ids, sizes, photo_sizes, values = [], [], [], []
+    ids, sizes, photo_sizes, fnumbers, values = [], [], [], [], []
     try:
         for batch in batches:
             step_ids = [str(v) for v in batch['id'][:, 0]]
@@ -252,22 +260,30 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
             ids += [i if v else '' for i, v in zip(step_ids, valid)]
             sizes += sizes_here
             photo_sizes += [(int(h), int(w)) for h, w in zip(heights, widths)]
+            if 'fnumber' in batch:
+                fnumbers += [float(v) for v in batch['fnumber'][:, 0]]
             values.append(step_values)
     finally:
         if hasattr(batches, 'close'):
             batches.close()
 
     # Every process holds the same number of entries, padding included: gather, then drop it.
+    # The records of a split either all have an f-number or none has (one TFDS feature spec).
+    with_fnumber = len(fnumbers) == len(sizes)
     local = (np.asarray(sizes, np.int32).reshape(-1, 2),
              np.asarray(photo_sizes, np.int32).reshape(-1, 2),
+             np.asarray(fnumbers if with_fnumber else [np.nan] * len(sizes), np.float32),
              (np.concatenate(values) if values
               else np.zeros((0, len(methods), len(names)), np.float32)))
-    sizes, photo_sizes, values = (x.reshape(-1, *x.shape[2:]) for x in _all_processes(local))
+    sizes, photo_sizes, fnumbers, values = (x.reshape(-1, *x.shape[2:])
+                                            for x in _all_processes(local))
     ids = _gather_strings(ids)
     rows = []
     for i in np.flatnonzero((sizes != np.asarray(_INVALID)).any(axis=1)):
         row = {'id': ids[i], 'height': int(photo_sizes[i][0]), 'width': int(photo_sizes[i][1]),
                'level_height': int(sizes[i][0]), 'level_width': int(sizes[i][1])}
+        if with_fnumber:
+            row['fnumber'] = round(float(fnumbers[i]), 4)  # float32 2.8 -> 2.8
         for m, method in enumerate(methods):
             for n, name in enumerate(names):
                 value = float(values[i, m, n])
@@ -343,10 +359,23 @@ def _level_images(batch: dict[str, np.ndarray], sizes: Sequence[tuple[int, int]]
         if 'classical' in baselines:
             depth = batch['depth'][d, 0, :int(batch['depth_height'][d, 0]),
                                    :int(batch['depth_width'][d, 0])]
-            rendered = classical.render_bokeh(sharp, depth)
+            rendered = classical.render_bokeh(sharp, depth, **_classical_controls(batch, d))
             images['classical'][d, 0, :size[0], :size[1]] = eval_protocol.to_level(
                 rendered, size, level)
     return images
+
+
+def _classical_controls(batch: dict[str, np.ndarray], d: int) -> dict[str, float]:
+    """render_bokeh's strength and focus for entry d: the record's f-number and focal plane where
+    the batch carries them (module docstring), else the renderer's defaults."""
+    controls = {}
+    if 'fnumber' in batch:
+        # control.blur_strength in float64, exactly the default at f/2 (the synthetic builder's)
+        controls['strength'] = classical.DEFAULT_STRENGTH * float(
+            control.aperture_scale(batch['fnumber'][d, 0]))
+    if 'focus_disparity' in batch:
+        controls['focus'] = float(batch['focus_disparity'][d, 0])
+    return controls
 
 
 def _offer(extremes: reports.Extremes, batch: dict[str, np.ndarray], images: dict[str, Any],

@@ -14,12 +14,22 @@ crop_size crop of the half-resolution input (photo downscaled x0.5 by image_ops.
 with the depth map, / 255), the matching 2c x 2c crop of the full-resolution bokeh photo resized
 to the level's output size (image_ops.level_output_size), and one joint rot90 / vertical flip.
 
+Conditioned models (config.model.condition != 'none', passed as `condition`): the input of train
+and eval batches is followed by the control maps (control.append_condition) of each record's
+`fnumber` and `focus_disparity`, at the input's (half) resolution. Records without a focal plane
+(ebb, realbokeh) focus where classical.auto_focus puts it on the whole image's depth channel; a
+data set without f-numbers (ebb) cannot condition. Eval batches carry each image's `fnumber`
+whenever the records have one (per-f-number metrics), conditioned or not.
+
 Determinism: example j of the global batch at step s is record `perm_e[(s * B + j) mod N]`, with
 the epoch permutation perm_e and the crop/augmentation drawn from seeded generators keyed by
 (config.seed, level, ...). It depends neither on process_count, num_workers nor the decoded-record
 cache (config.data.cache_mb), so a resumed run (start_step = s) sees exactly the batches of an
 uninterrupted one, and process p of P simply takes rows [p * B / P, (p + 1) * B / P) of the same
 global batch.
+
+Over 500 lines: training and evaluation share the record decoding and the control maps here, and
+the pipeline's benchmark program (the last section) is the natural piece to move out next.
 """
 
 import collections
@@ -37,7 +47,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from bokeh_jax import classical
+from bokeh_jax import control
 from bokeh_jax import dataset
+from bokeh_jax.errors import UserError
 from bokeh_jax import image_io
 from bokeh_jax import image_ops
 
@@ -53,6 +66,33 @@ def _check_seed(seed: int) -> int:
     return int(seed)
 
 
+def _check_condition(data: ml_collections.ConfigDict, condition: str) -> str:
+    """`condition` (config.model.condition), checked against what the records of `data` hold."""
+    control.check_condition(condition)
+    if condition != 'none' and 'fnumber' not in dataset.feature_names(data):
+        raise UserError(
+            f'config.model.condition={condition!r} needs records with an f-number, but '
+            f'{data.name}/{data.builder_config} has none (it renders one fixed look); train a '
+            "conditioned model on synthetic_bokeh or realbokeh, or set config.model.condition='none'")
+    return condition
+
+
+def _record_focus(record: dict[str, Any], disparity: np.ndarray | None) -> float | None:
+    """The record's focal disparity: stored, else classical.auto_focus of `disparity` (the whole
+    image's depth channel [h, w]); None without either."""
+    if 'focus_disparity' in record:
+        return float(record['focus_disparity'])
+    return None if disparity is None else classical.auto_focus(disparity)
+
+
+def _with_controls(model_input: np.ndarray, condition: str, fnumber: float | None,
+                   focus: float | None) -> np.ndarray:
+    """model_input float32 [h, w, C] followed by its control maps [h, w, k] (k = 0 for 'none')."""
+    if condition == 'none':
+        return model_input
+    return control.append_condition(model_input[None], condition, fnumber, focus)[0]
+
+
 class _TrainExample:
     """Global example index -> one (input, target) training pair; see the module docstring.
 
@@ -64,9 +104,10 @@ class _TrainExample:
     """
 
     def __init__(self, source: dataset.Source, seed: int, level: int, crop: int, with_depth: bool,
-                 cache_bytes: int = 0):
+                 cache_bytes: int = 0, condition: str = 'none'):
         self.source, self.seed, self.level = source, seed, level
         self.crop, self.with_depth, self.cache_bytes = crop, with_depth, int(cache_bytes)
+        self.condition = condition
         self._cached = (-1, None)  # (epoch, permutation); one tuple so threads see a pair
         self._cache = _LruCache(self.cache_bytes)
 
@@ -93,13 +134,18 @@ class _TrainExample:
         record_index = int(self.permutation(epoch)[position])
         rng = np.random.default_rng([self.seed, self.level, 1, int(index)])
         if not self.cache_bytes:
-            return crop_example(self.source[record_index], rng, self.crop, self.level,
-                                self.with_depth)
-        prepared = self._cache.get(record_index)
-        if prepared is None:
-            prepared = _Prepared(_Decoded(self.source[record_index], self.with_depth))
-            self._cache.put(record_index, prepared, prepared.nbytes)
-        return _crop(prepared, rng, self.crop, self.level)
+            image = _Decoded(self.source[record_index], self.with_depth)
+        else:
+            image = self._cache.get(record_index)
+            if image is None:
+                image = _Prepared(_Decoded(self.source[record_index], self.with_depth))
+                self._cache.put(record_index, image, image.nbytes)
+        example = _crop(image, rng, self.crop, self.level)
+        # The maps are constant or pointwise in the depth channel: appending them after the crop
+        # and the augmentation equals cropping and turning them with the photo.
+        example['input'] = _with_controls(example['input'], self.condition, image.fnumber,
+                                          image.focus_disparity)
+        return example
 
 
 class _LruCache:
@@ -146,6 +192,9 @@ class _Decoded:
         self.half = image_ops.half_size(self.height, self.width)
         self.depth = (image_ops.depth_channel(image_io.decode(record['depth'], self.name),
                                               (self.height, self.width)) if with_depth else None)
+        self.fnumber = float(record['fnumber']) if 'fnumber' in record else None
+        self.focus_disparity = _record_focus(
+            record, None if self.depth is None else self.depth[..., 0])
 
     def input_window(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         """float32 [height, width, C] of the half-resolution model input, photo (+ depth)."""
@@ -162,6 +211,7 @@ class _Prepared:
     def __init__(self, decoded: _Decoded):
         self.name, self.bokeh, self.half = decoded.name, decoded.bokeh, decoded.half
         self.height, self.width = decoded.height, decoded.width
+        self.fnumber, self.focus_disparity = decoded.fnumber, decoded.focus_disparity
         self.input = decoded.input_window(0, 0, *self.half)
         self.nbytes = self.input.nbytes + self.bokeh.nbytes
 
@@ -244,7 +294,8 @@ def _finish(pipeline: grain.MapDataset, data: ml_collections.ConfigDict
 
 def train_iterator(data: ml_collections.ConfigDict, seed: int, level: int, start_step: int, *,
                    batch_size: int, num_local_devices: int, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                   process_count: int = 1, condition: str = 'none'
+                   ) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches of `level` from step `start_step` on, for this process.
 
     Args:
@@ -254,12 +305,14 @@ def train_iterator(data: ml_collections.ConfigDict, seed: int, level: int, start
       start_step: global step of the first batch (resume from a checkpoint by passing its step).
       batch_size: the GLOBAL batch size (all devices of all processes).
       num_local_devices, process_index, process_count: this process's share.
+      condition: config.model.condition; other than 'none', the control maps follow the input.
 
     Yields:
-      {'input': float32 [D, b, c, c, C], 'target': float32 [D, b, s, s, 3]} in [0, 1], with
-      D = num_local_devices, b = batch_size / process_count / D, c = data.crop_size,
-      s = level_output_size(c, level), C = 4 (rgbd) or 3 (rgb). The returned grain iterator
-      has close(), which stops its worker processes.
+      {'input': float32 [D, b, c, c, C + k], 'target': float32 [D, b, s, s, 3]} in [0, 1]
+      (the control maps may exceed it), with D = num_local_devices, b = batch_size /
+      process_count / D, c = data.crop_size, s = level_output_size(c, level), C = 4 (rgbd) or 3
+      (rgb), k = control.condition_channels(condition). The returned grain iterator has close(),
+      which stops its worker processes.
     """
     local = _local_batch_size(batch_size, num_local_devices, process_count,
                               f'batch_size (config.train.level{level}.batch_size)')
@@ -270,7 +323,8 @@ def train_iterator(data: ml_collections.ConfigDict, seed: int, level: int, start
     crop = int(data.crop_size)
     image_ops.level_output_size(crop, level)  # validates crop and level
     make = _TrainExample(dataset.source(data, data.train_split), _check_seed(seed), level, crop,
-                         data.builder_config == 'rgbd', cache_bytes=cache_bytes(data))
+                         data.builder_config == 'rgbd', cache_bytes=cache_bytes(data),
+                         condition=_check_condition(data, condition))
 
     def global_index(i: int) -> int:
         step, row = divmod(i, local)
@@ -291,15 +345,20 @@ class _EvalExample:
     first: int  # global index of this process's first image
     count: int  # images of this process
     padded: tuple[int, int]  # input height, width (multiples of 32)
-    channels: int
+    channels: int  # RGB(+depth): 3 or 4
     photo_shape: tuple[int, int] | None = None  # the photos' padded size; None: no photos
     depth_shape: tuple[int, int] | None = None  # the depth maps' padded size; None: none
+    condition: str = 'none'  # control maps follow the input unless 'none'
+    with_fnumber: bool = False  # the records have `fnumber`: the examples carry it
+    with_focus: bool = False  # the records have `focus_disparity`: the examples carry it
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         h, w = self.padded
         photo = depth = None
+        fnumber = focus = np.nan  # padding entries
         if index >= self.count:
-            example = {'input': np.zeros((h, w, self.channels), np.float32),
+            channels = self.channels + control.condition_channels(self.condition)
+            example = {'input': np.zeros((h, w, channels), np.float32),
                        'target': np.zeros((2 * h, 2 * w, 3), np.float32), 'id': np.str_(''),
                        'height': np.int32(0), 'width': np.int32(0), 'valid': np.bool_(False)}
         else:
@@ -308,6 +367,13 @@ class _EvalExample:
             photo = image_io.decode(record['sharp'], name)
             depth = image_io.decode(record['depth'], name) if self.channels == 4 else None
             model_input = image_ops.make_model_input(photo, depth)
+            if self.with_fnumber:
+                fnumber = float(record['fnumber'])
+            if self.with_focus:
+                focus = float(record['focus_disparity'])
+            if self.condition != 'none':
+                focus = _record_focus(record, model_input[..., 3] if depth is not None else None)
+                model_input = _with_controls(model_input, self.condition, fnumber, focus)
             ih, iw = model_input.shape[:2]
             target = image_ops.to_float(image_io.decode(record['bokeh'], name)[:2 * ih, :2 * iw])
             example = {'input': image_ops.pad_to_shape(model_input, h, w),
@@ -320,6 +386,10 @@ class _EvalExample:
             example['depth'] = _zero_padded(depth, self.depth_shape, ())
             example['depth_height'] = np.int32(0 if depth is None else depth.shape[0])
             example['depth_width'] = np.int32(0 if depth is None else depth.shape[1])
+        if self.with_fnumber:
+            example['fnumber'] = np.float32(fnumber)
+        if self.with_focus:
+            example['focus_disparity'] = np.float32(focus)
         return example
 
 
@@ -348,28 +418,36 @@ def _largest_sizes(source: dataset.Source, count: int, keys: Sequence[str]
 
 def eval_iterator(data: ml_collections.ConfigDict, split: str, *, num_local_devices: int,
                   process_index: int = 0, process_count: int = 1, max_images: int = 0,
-                  with_photos: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                  with_photos: bool = False, condition: str = 'none'
+                  ) -> Iterator[dict[str, np.ndarray]]:
     """Whole images of `split` in stored (id) order, one per local device per batch.
 
     Process p gets the contiguous share [p * n, (p + 1) * n) with n = ceil(N / process_count);
     the last batches are filled with entries whose `valid` is False, so that every process
     yields the same number of batches. max_images > 0 (config.eval.max_images) takes only the
-    first that many images of the split.
+    first that many images of the split. condition: config.model.condition; other than 'none',
+    the control maps follow the input's channels.
 
     Yields:
-      input: float32 [D, 1, H, W, C] in [0, 1], reflect-padded to the split's largest size
-        rounded up to a multiple of 32 (the same shape on every process, so that every step
-        runs one compiled program); target: float32 [D, 1, 2H, 2W, 3], padded likewise;
+      input: float32 [D, 1, H, W, C + k], reflect-padded to the split's largest size rounded up
+        to a multiple of 32 (the same shape on every process, so that every step runs one
+        compiled program), C = 4 (rgbd) or 3 (rgb) channels in [0, 1], then k =
+        control.condition_channels(condition) control maps; target: float32 [D, 1, 2H, 2W, 3],
+        padded likewise;
       id: str [D, 1]; height, width: int32 [D, 1], the photo's full-resolution size;
       valid: bool [D, 1]. With `with_photos`, also what the baselines and image grids need:
       photo: uint8 [D, 1, PH, PW, 3], the full-resolution sharp photo as stored, zero-padded to
       the split's largest; in config `rgbd` depth: uint8 [D, 1, ph, pw], the depth map as
       stored, zero-padded likewise, and depth_height, depth_width: int32 [D, 1], its size.
+      When the records have them: fnumber and focus_disparity: float32 [D, 1] (NaN for padding
+      entries).
     """
     _local_batch_size(num_local_devices * process_count, num_local_devices, process_count,
                       'eval batch')
     if max_images < 0:
         raise ValueError(f'max_images must be >= 0 (0 = the whole split), got {max_images}')
+    condition = _check_condition(data, condition)
+    features = dataset.feature_names(data)
     source = dataset.source(data, split)
     total = len(source)
     if max_images > 0:
@@ -386,7 +464,9 @@ def eval_iterator(data: ml_collections.ConfigDict, split: str, *, num_local_devi
                                                image_ops.round_up(half[1])),
                         4 if with_depth else 3,
                         photo_shape=largest['sharp'] if with_photos else None,
-                        depth_shape=largest.get('depth'))
+                        depth_shape=largest.get('depth'), condition=condition,
+                        with_fnumber='fnumber' in features,
+                        with_focus='focus_disparity' in features)
     pipeline = (grain.MapDataset.range(steps * num_local_devices).map(make)
                .batch(num_local_devices)
                .map(lambda batch: {k: v[:, None] for k, v in batch.items()}))

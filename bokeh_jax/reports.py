@@ -46,10 +46,17 @@ def summarize(rows: Sequence[dict[str, Any]], names: Sequence[str], methods: Seq
       model_ahead_of: {name: {metric: model - baseline, sign flipped for LPIPS, so positive
       means the model is better} or None}, notes: why anything is null or missing}.
       A mean is None when some image lacks the metric or it is not finite; a note says why.
+      When the rows have an `fnumber`, also per_fnumber: {'f/N': {fnumber, num_images,
+      <metric>, baselines, model_ahead_of} over that f-number's images}, ascending in N.
     """
     notes = list(notes)
-    means = {method: {name: _mean([row[f'{method}_{name}'] for row in rows]) for name in names}
-             for method in methods}
+    summary = {
+        'split': split, 'level': level, 'protocol': protocol, 'border': border,
+        'num_images': len(rows), 'checkpoint_level': meta.get('level'),
+        'checkpoint_step': meta.get('step', meta.get('steps')), 'metrics': list(names),
+        **_group(rows, names, methods, baselines),
+        'notes': notes,
+    }
     for name in names:
         column = [row[f'model_{name}'] for row in rows]
         missing = sum(v is None for v in column)
@@ -60,30 +67,39 @@ def summarize(rows: Sequence[dict[str, Any]], names: Sequence[str], methods: Seq
                 'border; its mean is not reported')
         for method in methods:
             values = [row[f'{method}_{name}'] for row in rows]
-            if not missing and means[method][name] is None and all(v is not None for v in values):
+            mean = summary[name] if method == 'model' else summary['baselines'][method][name]
+            if not missing and mean is None and all(v is not None for v in values):
                 notes.append(f'{method} {name}: the mean is not finite; not reported')
-    summary = {
-        'split': split, 'level': level, 'protocol': protocol, 'border': border,
-        'num_images': len(rows), 'checkpoint_level': meta.get('level'),
-        'checkpoint_step': meta.get('step', meta.get('steps')), 'metrics': list(names),
-        **means['model'],
-        'baselines': {b: means.get(b) for b in baselines},
-        'model_ahead_of': {},
-        'notes': notes,
-    }
-    for b in baselines:
-        if b not in means:
-            summary['model_ahead_of'][b] = None
-            continue
-        summary['model_ahead_of'][b] = {
-            name: (None if means['model'][name] is None or means[b][name] is None
-                   else _BETTER[name] * (means['model'][name] - means[b][name]))
-            for name in names}
+    if rows and 'fnumber' in rows[0]:
+        summary['per_fnumber'] = {
+            f'f/{fnumber:g}': {'fnumber': fnumber, **_group(
+                [row for row in rows if row['fnumber'] == fnumber], names, methods, baselines)}
+            for fnumber in sorted({row['fnumber'] for row in rows})}
     return summary
 
 
+def _group(rows: Sequence[dict[str, Any]], names: Sequence[str], methods: Sequence[str],
+           baselines: Sequence[str]) -> dict[str, Any]:
+    """Means over `rows`: {num_images, <metric>: the model's, baselines, model_ahead_of} (see
+    summarize)."""
+    means = {method: {name: _mean([row[f'{method}_{name}'] for row in rows]) for name in names}
+             for method in methods}
+    group = {'num_images': len(rows), **means['model'],
+             'baselines': {b: means.get(b) for b in baselines}, 'model_ahead_of': {}}
+    for b in baselines:
+        if b not in means:
+            group['model_ahead_of'][b] = None
+            continue
+        group['model_ahead_of'][b] = {
+            name: (None if means['model'][name] is None or means[b][name] is None
+                   else _BETTER[name] * (means['model'][name] - means[b][name]))
+            for name in names}
+    return group
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a small text table: means per method, then how far the model is ahead."""
+    """The summary as a small text table: means per method, then how far the model is ahead;
+    the same per f-number when the summary has several."""
     names = summary['metrics']
     step = summary['checkpoint_step']
     first = 2 + max([len('model ahead of ' + b) for b in summary['baselines']] + [len('model')])
@@ -97,11 +113,21 @@ def format_summary(summary: dict[str, Any]) -> str:
         missing = lambda n: values is None or values[n] is None
         return ''.join(f"{'-' if missing(n) else format(values[n], fmt):>10}" for n in names)
 
-    lines.append('model'.ljust(first) + cells({n: summary[n] for n in names}, '.4f'))
-    for name, means in summary['baselines'].items():
-        lines.append(name.ljust(first) + cells(means, '.4f'))
-    for name, ahead in summary['model_ahead_of'].items():
-        lines.append(f'model ahead of {name}'.ljust(first) + cells(ahead, '+.4f'))
+    def table(group: dict[str, Any], prefix: str) -> None:
+        lines.append((prefix + 'model').ljust(first) + cells({n: group[n] for n in names}, '.4f'))
+        for name, means in group['baselines'].items():
+            lines.append((prefix + name).ljust(first) + cells(means, '.4f'))
+        for name, ahead in group['model_ahead_of'].items():
+            lines.append(f'{prefix}model ahead of {name}'.ljust(first) + cells(ahead, '+.4f'))
+
+    table(summary, '')
+    if len(summary.get('per_fnumber', ())) > 1:  # one f-number: the table above says it all
+        width = max(len(key) for key in summary['per_fnumber']) + 1
+        first += width
+        lines.append(f'per f-number ({len(summary["per_fnumber"])}):')
+        for key, group in summary['per_fnumber'].items():
+            lines.append(f'{key}: {group["num_images"]} images')
+            table(group, key.ljust(width))
     lines += [f'note: {note}' for note in summary['notes']]
     return '\n'.join(lines)
 

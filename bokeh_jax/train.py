@@ -403,7 +403,7 @@ def _batches(config: ml_collections.ConfigDict, level: int, start: int, batch_si
         batches = input_pipeline.train_iterator(
             config.data, config.seed, level, first, batch_size=batch_size,
             num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
-            process_count=jax.process_count())
+            process_count=jax.process_count(), condition=config.model.get('condition', 'none'))
         try:
             if count is None:
                 yield from batches

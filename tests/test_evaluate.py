@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bokeh_jax import checkpoint
+from bokeh_jax import classical
 from bokeh_jax import dataset
 from bokeh_jax import eval_protocol
 from bokeh_jax import evaluate
@@ -282,6 +284,56 @@ def test_images_of_different_sizes_are_each_scored_at_their_own_size(tmp_path):
         identity = tf_scores(image_ops.to_float(sharp), image_ops.to_float(bokeh))
         np.testing.assert_allclose(row['identity_psnr'], identity['psnr'], atol=2e-4)
     assert summary['num_images'] == 3 and summary['split'] == 'val294'
+    assert 'per_fnumber' not in summary and 'fnumber' not in rows[0]  # ebb has no f-numbers
+
+
+def test_records_with_fnumbers_are_also_scored_per_fnumber(tmp_path, capsys):
+    """An unconditioned model on a set at f/2 and f/4: the table and summary.json have each
+    f-number's means (model and baselines), over exactly that f-number's rows of per_image.csv;
+    the classical baseline renders at the record's f-number and focal plane."""
+    config = default.get_config('tiny')
+    config.data.data_dir = str(tmp_path / 'data')
+    config.data.synthetic.update({'num_train': 1, 'num_validation': 5, 'height': 64,
+                                  'width': 128, 'seed': 2, 'fnumbers': (2.0, 4.0)})
+    config.eval.update({'protocol': 'full', 'baselines': ('identity', 'classical'), 'grid_images': 0,
+                        'max_images': 0})
+    prepare.prepare_dataset(config.data)
+    save_random_params(tmp_path / 'work')
+    summary = evaluate.run(config, str(tmp_path / 'work'))
+    printed = capsys.readouterr().out
+    out = tmp_path / 'work' / 'eval' / 'validation_level1_full'
+    with open(out / 'per_image.csv') as f:
+        rows = list(csv.DictReader(f))
+    with open(out / 'summary.json') as f:
+        assert json.load(f) == json.loads(json.dumps(summary))
+    groups = summary['per_fnumber']
+    assert list(groups) == ['f/2', 'f/4']
+    assert sum(g['num_images'] for g in groups.values()) == summary['num_images'] == 5
+    for key, group in groups.items():
+        mine = [r for r in rows if float(r['fnumber']) == group['fnumber']]
+        assert f'f/{float(mine[0]["fnumber"]):g}' == key and group['num_images'] == len(mine)
+        for name in ('psnr', 'ssim'):
+            np.testing.assert_allclose(group[name],
+                                       np.mean([float(r[f'model_{name}']) for r in mine]))
+            identity = np.mean([float(r[f'identity_{name}']) for r in mine])
+            np.testing.assert_allclose(group['baselines']['identity'][name], identity)
+            np.testing.assert_allclose(group['model_ahead_of']['identity'][name],
+                                       group[name] - identity)
+        assert re.search(rf'^{key} +identity +\d', printed, re.M), printed
+    # At f/4 the target is nearer the photo itself (at f/16 here the blur is under a pixel).
+    assert (groups['f/4']['baselines']['identity']['psnr']
+            > groups['f/2']['baselines']['identity']['psnr'] + 3)
+    assert 'per f-number (2):' in printed
+    # The classical baseline renders at each record's f-number and focal plane.
+    source = dataset.source(config.data, 'validation')
+    for i, row in enumerate(rows):
+        record = source[i]
+        sharp = image_ops.to_float(decode(record['sharp']))
+        rendered = classical.render_bokeh(sharp, decode(record['depth']),
+                                          strength=0.06 * 2 / float(record['fnumber']),
+                                          focus=float(record['focus_disparity']))
+        expected = tf_scores(rendered, image_ops.to_float(decode(record['bokeh'])))
+        np.testing.assert_allclose(float(row['classical_psnr']), expected['psnr'], atol=2e-3)
 
 
 def test_no_params_fails_through_launch(synthetic, tmp_path):

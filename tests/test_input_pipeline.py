@@ -10,7 +10,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from bokeh_jax import classical
 from bokeh_jax import dataset
+from bokeh_jax.errors import UserError
 from bokeh_jax import image_ops
 from bokeh_jax import input_pipeline
 from configs import default
@@ -299,6 +301,102 @@ def test_eval_pads_mixed_sizes_by_reflection_to_one_shape(tmp_path):
                                np.pad(bokeh, ((0, 58), (0, 92), (0, 0)), mode='reflect'), atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- control maps
+
+CONTROL = {'fnumbers': (2.0, 4.0, 16.0), 'focus': 'random', 'seed': 5}
+
+
+@pytest.fixture(scope='module')
+def control_dir(tmp_path_factory):
+    """A tiny synthetic_bokeh (rgbd) at three f-numbers with random focal planes."""
+    path = tmp_path_factory.mktemp('tfds_control')
+    config = tiny_config(path)
+    config.data.synthetic.update(CONTROL)
+    prepare.prepare_dataset(config.data)
+    return path
+
+
+def _control_config(control_dir, **data):
+    config = tiny_config(control_dir, **data)
+    config.data.synthetic.update(CONTROL)
+    return config
+
+
+def _controls(config, split):
+    """[(fnumber, focus_disparity)] of the split's records, in order."""
+    source = dataset.source(config.data, split)
+    return [(float(source[i]['fnumber']), float(source[i]['focus_disparity']))
+            for i in range(len(source))]
+
+
+def test_conditioned_train_batches_end_with_the_records_control_maps(control_dir):
+    config = _control_config(control_dir)
+    plain = train_batches(config)
+    focused = train_batches(config, condition='aperture_focus')
+    aperture = train_batches(config, condition='aperture')
+    cached = train_batches(_control_config(control_dir, cache_mb=64), condition='aperture_focus')
+    records = _controls(config, 'train')
+    assert len({n for n, _ in records}) >= 2  # the set mixes f-numbers
+    for p, f, a, c in zip(plain, focused, aperture, cached):
+        assert f['input'].shape == (2, 2, 64, 64, 6) and a['input'].shape == (2, 2, 64, 64, 5)
+        np.testing.assert_array_equal(f['input'][..., :4], p['input'])
+        np.testing.assert_array_equal(a['input'], f['input'][..., :5])
+        np.testing.assert_array_equal(c['input'], f['input'])
+        np.testing.assert_array_equal(f['target'], p['target'])
+        for x in f['input'].reshape(-1, 64, 64, 6):
+            s = x[0, 0, 4]
+            np.testing.assert_array_equal(x[..., 4], s)  # s = 2/N everywhere
+            focus = x[0, 0, 3] - x[0, 0, 5] / s
+            np.testing.assert_allclose(x[..., 5], s * (x[..., 3] - focus), atol=1e-6)
+            assert any(abs(s - 2 / n) < 1e-6 and abs(focus - d) < 1e-5 for n, d in records), (
+                s, focus, records)
+
+
+def test_conditioned_eval_batches_carry_fnumber_and_control_maps(control_dir):
+    config = _control_config(control_dir)
+    records = _controls(config, 'validation')
+    plain = list(input_pipeline.eval_iterator(config.data, 'validation', num_local_devices=2))
+    batches = list(input_pipeline.eval_iterator(config.data, 'validation', num_local_devices=2,
+                                                condition='aperture_focus'))
+    assert len(batches) == 2  # 3 images and a padding entry
+    fnumbers = [b['fnumber'][d, 0] for b in batches for d in range(2)]
+    assert fnumbers[:3] == [n for n, _ in records] and np.isnan(fnumbers[3])
+    assert [b['fnumber'][d, 0] for b in plain for d in range(2)][:3] == fnumbers[:3]
+    for i, (fnumber, focus) in enumerate(records):
+        x = batches[i // 2]['input'][i % 2, 0]
+        assert x.shape == (64, 96, 6)
+        np.testing.assert_array_equal(x[..., :4], plain[i // 2]['input'][i % 2, 0])
+        np.testing.assert_allclose(x[..., 4], 2 / fnumber, rtol=1e-6)
+        np.testing.assert_allclose(x[..., 5], 2 / fnumber * (x[..., 3] - focus), atol=1e-6)
+    np.testing.assert_array_equal(batches[1]['input'][1, 0], 0)
+
+
+def test_conditioning_needs_fnumbers_and_focuses_automatically_without_a_plane(tmp_path):
+    """ebb has no f-number: a conditioned pipeline names the data set. A record with an f-number
+    but no focal plane (realbokeh) focuses where classical.auto_focus puts it."""
+    _write_ebb(tmp_path / 'manual', {'0': (128, 128), '4400': (70, 100), '4401': (64, 160)})
+    config = default.get_config()
+    config.data.update({'data_dir': str(tmp_path / 'data'), 'manual_dir': str(tmp_path / 'manual'),
+                        'num_workers': 0, 'crop_size': 32})
+    prepare.prepare_dataset(config.data)
+    with pytest.raises(UserError, match=r"condition='aperture' needs records with an f-number, "
+                                        r'but ebb/rgbd has none'):
+        input_pipeline.eval_iterator(config.data, 'val294', num_local_devices=1,
+                                     condition='aperture')
+    with pytest.raises(UserError, match='ebb/rgbd has none'):
+        input_pipeline.train_iterator(config.data, 0, 1, 0, batch_size=1, num_local_devices=1,
+                                      condition='aperture_focus')
+    record = {**_record(config, 'val294', 0), 'fnumber': np.float32(4.0)}
+    make = input_pipeline._EvalExample([record], 0, 1, (64, 96), 4, condition='aperture_focus',
+                                       with_fnumber=True)
+    example = make(0)
+    x = example['input'][:35, :50]  # the image; the rest is padding
+    focus = classical.auto_focus(x[..., 3])
+    assert example['fnumber'] == 4.0
+    np.testing.assert_allclose(x[..., 4], 0.5)
+    np.testing.assert_allclose(x[..., 5], 0.5 * (x[..., 3] - focus), atol=1e-6)
+
+
 def test_prepare_regenerates_a_stale_synthetic_set(tmp_path):
     config = tiny_config(tmp_path, builder_config='rgb')
     config.data.synthetic.update({'num_train': 1, 'num_validation': 1})
@@ -310,6 +408,13 @@ def test_prepare_regenerates_a_stale_synthetic_set(tmp_path):
     assert builder.info.splits['validation'].num_examples == 2
     (batch,) = list(input_pipeline.eval_iterator(config.data, 'validation', num_local_devices=2))
     assert batch['input'].shape == (2, 1, 32, 96, 3)
+    config.data.synthetic.update({'fnumbers': (2.8, 8.0), 'focus': 'random'})
+    prepare.prepare_dataset(config.data)  # other f-numbers: regenerated
+    metadata = dataset.dataset_builder(config.data).info.metadata
+    assert (metadata['fnumbers'], metadata['focus']) == ([2.8, 8.0], 'random')
+    (batch,) = list(input_pipeline.eval_iterator(config.data, 'validation', num_local_devices=2))
+    assert set(batch['fnumber'][:, 0].tolist()) <= {np.float32(2.8), 8.0}
+    assert not dataset.synthetic_differs(config.data, metadata)  # read back equal: kept
 
 
 def test_concurrent_prepare_builds_once(tmp_path):

@@ -295,6 +295,68 @@ def test_synthetic_features_match_ebb(tmp_path, file_format):
     assert builder.info.metadata['height'] == 64 and builder.info.metadata['seed'] == 0
 
 
+CONTROL = {'fnumbers': (2.0, 4.0, 16.0), 'focus': 'random', 'num_train': 8, 'seed': 5}
+
+
+def test_synthetic_records_carry_fnumber_and_focus(tmp_path):
+    """Each record's f-number comes from the set; with focus 'random' the focal plane is the
+    subject (the central median) in some scenes and elsewhere in others, always a depth of the
+    scene; the bokeh photo is rendered at the stored f-number and focus; same seed, same set."""
+    builder = build_synthetic(tmp_path / 'a', **CONTROL)
+    records = _raw(builder, 'train')
+    assert _raw(build_synthetic(tmp_path / 'b', **CONTROL), 'train') == records
+    assert {'fnumber', 'focus_disparity'} <= set(builder.info.features)
+    assert builder.info.metadata['fnumbers'] == [2.0, 4.0, 16.0]
+    assert builder.info.metadata['focus'] == 'random'
+    fnumbers = [float(r['fnumber']) for r in records]
+    assert set(fnumbers) <= {2.0, 4.0, 16.0} and len(set(fnumbers)) >= 2, fnumbers
+    generation = builder.generation
+    on_subject = []
+    for i, record in enumerate(records):
+        scene = scenes.make_scene(np.random.default_rng([generation.seed, 0, i]), 64, 128)
+        focus = float(record['focus_disparity'])
+        on_subject.append(focus == np.float32(scene.focus))
+        assert scene.disparity.min() <= focus <= scene.disparity.max()
+        # Rendered again at each f-number of the set: the stored one matches (up to JPEG).
+        errors = {n: np.abs(decode(record['bokeh']).astype(int)
+                            - scenes.render_pair(scene, 0.06 * 2 / n, focus)[1]).mean()
+                  for n in CONTROL['fnumbers']}
+        assert min(errors, key=errors.get) == fnumbers[i] and errors[fnumbers[i]] < 3, errors
+    assert 0 < sum(on_subject) < len(records), on_subject
+
+
+def test_synthetic_blur_follows_the_fnumber(tmp_path):
+    """The same scenes (same seed) at f/2 and at f/16: equal photos, and every bokeh photo at f/16
+    nearer its photo than at f/2. The default is the fixed look of generator version 2."""
+    wide = _raw(build_synthetic(tmp_path / 'f2', fnumbers=2.0), 'train')
+    narrow = _raw(build_synthetic(tmp_path / 'f16', fnumbers=(16.0,)), 'train')
+    for a, b in zip(wide, narrow):
+        assert a['sharp'] == b['sharp'] and a['depth'] == b['depth']
+        assert (float(a['fnumber']), float(b['fnumber'])) == (2.0, 16.0)
+        assert a['focus_disparity'] == b['focus_disparity']  # the subject
+        sharp = decode(a['sharp']).astype(float)
+        assert (np.abs(decode(b['bokeh']) - sharp).mean()
+                < 0.5 * np.abs(decode(a['bokeh']) - sharp).mean())
+    # Default fnumbers (2.0,), focus 'subject': what render_pair gives at the renderer's default.
+    generation = synthetic.Generation(num_train=1, num_validation=1, height=64, width=128)
+    scene = scenes.make_scene(np.random.default_rng([0, 0, 0]), 64, 128)
+    _, bokeh, _ = scenes.render_pair(scene)
+    example = synthetic.make_example(generation, True, 'train', 0)
+    assert example['bokeh'] == synthetic._encode(bokeh, 'JPEG')
+    assert example['bokeh'] == wide[0]['bokeh']
+
+
+def test_synthetic_control_arguments():
+    assert synthetic.Builder(fnumbers='2:2.8:16').generation.fnumbers == (2.0, 2.8, 16.0)
+    assert synthetic.Builder(fnumbers=4).generation.fnumbers == (4.0,)
+    for kwargs, message in [({'fnumbers': 'two'}, 'fnumbers must be f-numbers'),
+                            ({'fnumbers': ()}, 'at least one f-number'),
+                            ({'fnumbers': (2.0, 64.0)}, 'fnumbers entry 64.0'),
+                            ({'focus': 'near'}, "focus must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            synthetic.Builder(**kwargs)
+
+
 def test_synthetic_rejects_sizes_that_are_not_multiples_of_64(tmp_path):
     with pytest.raises(ValueError, match='height=100 must be a positive multiple of 64'):
         tfds.builder('synthetic_bokeh', config='rgbd', data_dir=str(tmp_path), height=100)

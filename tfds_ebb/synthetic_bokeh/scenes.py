@@ -8,9 +8,11 @@ By default the subject is the nearest thing in the scene, so the focus is at the
 of every depth map and the blur of a pixel follows from its depth alone. With `foreground`,
 objects may also stand in front of the subject (off centre) and the ground may come nearer than
 it: the depth in focus then varies from scene to scene (after the map's stretch to 0..255), and a
-model must find the subject to know it. `render_pair` turns a scene into what the dataset stores:
-the sharp photo, the bokeh photo rendered by the thin-lens renderer of `bokeh_jax.classical`, and
-the 8-bit half-resolution depth map.
+model must find the subject to know it. `choose_focus` picks the focal plane of a pair: the
+subject, or (focus 'random') in half the scenes the depth under a random pixel, as a click on the
+photo would (background, ground or any object). `render_pair` turns a scene into what the
+dataset stores: the sharp photo, the bokeh photo rendered by the thin-lens renderer of
+`bokeh_jax.classical`, and the 8-bit half-resolution depth map.
 
 Everything is a pure function of the numpy Generator passed in, so a scene is fixed by its seed.
 """
@@ -20,11 +22,16 @@ import dataclasses
 import numpy as np
 
 from bokeh_jax import classical
+from bokeh_jax import control
 from bokeh_jax import image_ops
 
-# Blur disc diameter for |disparity - focus| = 1 as a fraction of the height: the renderer's
-# default, so that classical.render_bokeh with its defaults is the matching classical baseline.
+# Blur disc diameter for |disparity - focus| = 1 as a fraction of the height, at f/2 (other
+# f-numbers: control.blur_strength): the renderer's default, so that classical.render_bokeh with
+# its defaults is the matching classical baseline of a pair at f/2 focused on the subject.
 STRENGTH = classical.DEFAULT_STRENGTH
+# Where the camera focuses: always on the subject, or on the subject in half the scenes and on a
+# random pixel's depth in the others.
+FOCUS_MODES = ('subject', 'random')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,15 +208,34 @@ def make_scene(rng: np.random.Generator, height: int, width: int, foreground: bo
     return Scene(radiance.astype(np.float32), disparity, classical.auto_focus(disparity))
 
 
+def choose_focus(rng: np.random.Generator, scene: Scene, mode: str) -> float:
+    """The focal disparity of a pair in [0, 1] (scene.disparity's scale), for focus `mode`.
+
+    'subject': scene.focus, drawing nothing from rng. 'random': scene.focus with probability 1/2,
+    else control.focus_disparity_at a uniformly drawn pixel (the median around it, like a click).
+    """
+    if mode not in FOCUS_MODES:
+        raise ValueError(f'synthetic_bokeh: focus must be one of {FOCUS_MODES}, got {mode!r}')
+    if mode == 'subject' or rng.random() < 0.5:
+        return scene.focus
+    height, width = scene.disparity.shape
+    return control.focus_disparity_at(scene.disparity, rng.uniform(0, height),
+                                      rng.uniform(0, width))
+
+
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
 
 
-def render_pair(scene: Scene, strength: float = STRENGTH
+def render_pair(scene: Scene, strength: float = STRENGTH, focus: float | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sharp photo uint8 [H, W, 3], bokeh photo uint8 [H, W, 3], depth uint8 [H/2, W/2, 1]."""
+    """Sharp photo uint8 [H, W, 3], bokeh photo uint8 [H, W, 3], depth uint8 [H/2, W/2, 1].
+
+    strength: blur disc diameter / height per unit of |disparity - focus|; focus: the focal
+    disparity (None = scene.focus, the subject)."""
     height, width = scene.disparity.shape
-    bokeh = classical.defocus(scene.radiance, scene.disparity, scene.focus, strength * height)
+    focus = scene.focus if focus is None else focus
+    bokeh = classical.defocus(scene.radiance, scene.disparity, focus, strength * height)
     sharp = classical.linear_to_srgb(np.clip(scene.radiance, 0, 1))
     bokeh = classical.linear_to_srgb(np.clip(bokeh, 0, 1))
     depth = image_ops.normalize_depth(scene.disparity, (height, width))
