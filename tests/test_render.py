@@ -270,6 +270,49 @@ def test_launch_says_an_unconditioned_model_has_one_look(tmp_path, workdir):
     assert not os.path.exists(tmp_path / 'o.png')
 
 
+CONDITIONED = 'condition' in getattr(model_lib.PyNET, '__dataclass_fields__', {})
+
+
+@pytest.mark.skipif(not CONDITIONED, reason='needs the conditioned PyNET (branch cmodel)')
+def test_conditioned_model_renders_tiled_at_an_fnumber_and_focus(tmp_path):
+    """The control maps go into the whole model input before tiling: tiles agree with one pass.
+    launch.py --fnumber --focus writes exactly that render; another f-number renders otherwise."""
+    condition, method = 'aperture_focus', 'input'
+    params = model_lib.init_params(
+        model_lib.PyNET(CHANNELS, condition=condition, condition_method=method),
+        jax.random.key(3), input_channels=4, scheme='he')
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * np.float32(1.4) if path[-1].key == 'kernel' else x, params)
+    rng = np.random.default_rng(14)
+    photo, depth = random_photo(rng, 301, 263), rng.random((150, 131)).astype(np.float32)
+    x, out_hw = render.model_input(photo, depth, input_channels=4)
+    x, focus = render.control_input(x, photo.shape[:2], condition=condition, fnumber=2.8,
+                                    focus=(200, 40))
+    kw = dict(channels=CHANNELS, condition=condition, condition_method=method)
+    untiled = render.render_model_input(params, x, out_hw, max_tile=0, **kw)
+    tiled = render.render_model_input(params, x, out_hw, max_tile=render.MIN_TILE, **kw)
+    np.testing.assert_allclose(tiled, untiled, atol=1e-4, rtol=0)
+
+    workdir = str(tmp_path / 'work')
+    checkpoint.save_params(workdir, 1, params, {'channels': CHANNELS, 'input_channels': 4,
+                                                'condition': condition, 'condition_method': method})
+    photo_path = save_png(tmp_path / 'p.png', photo)
+    depth_path = str(tmp_path / 'd.npy')
+    np.save(depth_path, depth)
+    result = launch('--config=configs/default.py:tiny', f'--workdir={workdir}',
+                    f'--input={photo_path}', f'--depth={depth_path}', f'--output={tmp_path}/o.png',
+                    '--fnumber=2.8', '--focus=200,40')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'(263x301, f/2.8, focus 200,40 (disparity {focus:.3f}))' in result.stdout
+    expected = render.render_model_input(params, x, out_hw, max_tile=TINY_MAX_TILE, **kw)
+    got = np.asarray(Image.open(tmp_path / 'o.png'), np.float32)
+    assert np.abs(got - expected * 255).max() <= 0.5 + 1e-3
+    other, _ = render.control_input(x[..., :4], photo.shape[:2], condition=condition,
+                                    fnumber=16.0, focus=(200, 40))
+    assert np.abs(render.render_model_input(params, other, out_hw, max_tile=0, **kw)
+                  - untiled).mean() > 1e-3
+
+
 def test_plan_jobs_pairs_files_and_refuses_bad_arguments(tmp_path):
     photos, depths, out = tmp_path / 'in', tmp_path / 'depth', tmp_path / 'out'
     photos.mkdir()
