@@ -234,11 +234,12 @@ def _functions(channels: int, dtype: str, conv_impl: str, condition: str = 'none
         return skips
 
     @functools.partial(jax.jit, static_argnames='size')
-    def fine_tile(params, e1, u4a, u4b, origin, size):
-        # The crop origin is traced, so all tiles of an image share one compilation.
+    def fine_tile(params, skips, origin, size):
+        # skips: (e1, u4a, u4b), and a conditioned model's control maps at level 3's grid. The
+        # crop origin is traced, so all tiles of an image share one compilation.
         crops = [
             jax.lax.dynamic_slice(f, (0, origin[0], origin[1], 0), (1, *size, f.shape[-1]))
-            for f in (e1, u4a, u4b)
+            for f in skips
         ]
         return model.apply({'params': params}, *crops, stop_at=1, method=model_lib.PyNET.fine)[1]
 
@@ -331,8 +332,8 @@ def render_model_input(
             progress(1, 1)
         return np.clip(out, 0.0, 1.0)
 
-    e1, u4a, u4b = coarse(params, x[None])
-    grid = e1.shape[1:3]
+    skips = coarse(params, x[None])
+    grid = skips[0].shape[1:3]
     needed = [-(-n // FINE_SCALE) for n in out_hw]
     crop = tuple(tile_crop(grid[i], needed[i], max_tile // 2) for i in (0, 1))
     rows, cols = (tile_spans(grid[i], needed[i], crop[i]) for i in (0, 1))
@@ -341,11 +342,11 @@ def render_model_input(
     s = FINE_SCALE
     done, total = 1, 1 + len(rows) * len(cols)
     if progress:
-        jax.block_until_ready((e1, u4a, u4b))  # report the global pass when it has run
+        jax.block_until_ready(skips)  # report the global pass when it has run
         progress(1, total)
     for r0, r1, rc in rows:
         for c0, c1, cc in cols:
-            tile = fine_tile(params, e1, u4a, u4b, jnp.array([rc, cc], jnp.int32), size=crop)
+            tile = fine_tile(params, tuple(skips), jnp.array([rc, cc], jnp.int32), size=crop)
             tile = np.asarray(tile)[0]
             out[s * r0 : s * r1, s * c0 : s * c1] = tile[
                 s * (r0 - rc) : s * (r1 - rc), s * (c0 - cc) : s * (c1 - cc)
