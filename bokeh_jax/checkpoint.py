@@ -163,7 +163,9 @@ def load_params(workdir: str, level: int | None = None) -> tuple[Any, dict]:
     meta = read_meta(workdir, level)
     _check_manifest(path)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        expected = model_lib.param_shapes(meta['channels'], meta['input_channels'])
+        condition, method = model_lib.condition_of_meta(meta)
+        expected = model_lib.param_shapes(meta['channels'], meta['input_channels'], condition,
+                                          method)
         target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), expected)
         try:
             restored = checkpointer.restore(
@@ -175,7 +177,8 @@ def load_params(workdir: str, level: int | None = None) -> tuple[Any, dict]:
                                 f'({type(e).__name__}: {e})') from None
             raise UserError(
                 f'{path}: stored parameters do not match PyNET(channels={meta["channels"]}, '
-                f'input_channels={meta["input_channels"]}): {e}'
+                f'input_channels={meta["input_channels"]}, condition={condition!r}, '
+                f'condition_method={method!r}): {e}'
             ) from None
         except Exception as e:  # a truncated data file: orbax / tensorstore errors of many kinds
             raise UserError(f'{path}/params is damaged or truncated '

@@ -105,9 +105,11 @@ class Options:
 # ----------------------------------------------------------------------------- compiled steps
 
 @functools.lru_cache(maxsize=None)
-def _pmapped_predict(channels: int, dtype: str, level: int, conv_impl: str):
+def _pmapped_predict(channels: int, dtype: str, level: int, conv_impl: str,
+                     condition: tuple[str, str] = ('none', 'input')):
     # Cached so that periodic validation during training reuses the compiled program.
-    model = model_lib.PyNET(channels=channels, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
+    model = model_lib.PyNET(channels=channels, dtype=jnp.dtype(dtype), conv_impl=conv_impl,
+                            condition=condition[0], condition_method=condition[1])
     return jax.pmap(functools.partial(eval_protocol.predict, model=model, level=level))
 
 
@@ -185,7 +187,8 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
 
     Args:
       params: the PyNET tree, one copy (not replicated over devices).
-      meta: at least `channels` and `input_channels` (checkpoint.load_params' meta).
+      meta: at least `channels` and `input_channels` (checkpoint.load_params' meta), and
+        `condition`, `condition_method` for a conditioned model (batches then carry its maps).
       data: config.data (which data set; it must be prepared).
       split: TFDS split name.
       options: how to score (see Options).
@@ -221,7 +224,8 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
         data, split, num_local_devices=num_devices, process_index=jax.process_index(),
         process_count=jax.process_count(), max_images=options.max_images,
         with_photos=len(methods) > 1)
-    p_predict = _pmapped_predict(int(meta['channels']), options.dtype, level, options.conv_impl)
+    p_predict = _pmapped_predict(int(meta['channels']), options.dtype, level, options.conv_impl,
+                                 model_lib.condition_of_meta(meta))
     replicated = flax.jax_utils.replicate(params)
     lpips_params = flax.jax_utils.replicate(lpips_model.params if lpips_model else {})
     row_names = ['input'] + (['classical'] if 'classical' in methods else []) + ['output',

@@ -316,6 +316,11 @@ def export(params: Any, meta: dict, output: str, *, formats: Sequence[str] = DEF
     """
     formats = parse_formats(formats)
     size = check_size(size)
+    condition = model_lib.condition_of(params)[0]
+    if condition != 'none':
+        raise ExportError(f'--mode=export handles unconditioned models only; these parameters are '
+                          f'conditioned on {condition!r} (model.condition): render them with '
+                          f'--mode=render or serve them with --mode=serve')
     output = os.path.abspath(output)
     problem = output_paths.output_problem(output, protected=protected, replaces_folder=True)
     if problem:

@@ -11,7 +11,9 @@ output k is therefore: `encoder`, every coarser level without its `head`, and al
 
 It is longer than the project's other modules on purpose: the seven levels are written out as the
 paper and SPEC list them, block by block, so that each can be checked against the original graph
-line by line; splitting them over files would make that comparison harder.
+line by line; splitting them over files would make that comparison harder. The layers that read
+a conditioned model's control maps (model.condition) are here where they join the paper's; how the
+maps are prepared and the FiLM MLP are in conditioning.py.
 """
 
 from typing import Any, Sequence
@@ -24,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bokeh_jax import conditioning
+from bokeh_jax import control as control_lib
 from bokeh_jax import onednn
+# What a parameter tree is conditioned on (model.condition), re-exported for model users.
+from bokeh_jax.conditioning import condition_of, condition_of_meta, width_of  # noqa: F401
 # The paper's levels (coarsest first) and the multiple that input sides must be (space-to-depth
 # and four max-pools: 2 * 2**4), defined with the image geometry and re-exported for model users.
 from bokeh_jax.image_ops import LEVELS, SIZE_MULTIPLE
@@ -117,8 +123,36 @@ def compute_plan(dtype: Any, conv_impl: str) -> tuple[Any, str]:
     return dtype, conv_impl
 
 
+class _ConvParams(nn.Module):
+    """`kernel` [size, size, in, out] and `bias` [out] of a conv, as nn.Conv creates them."""
+
+    features: int
+    size: int = 3
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                            (self.size, self.size, in_features, self.features))
+        return kernel, self.param('bias', nn.initializers.zeros, (self.features,))
+
+
+class _ControlKernel(nn.Module):
+    """`kernel` of the control maps' extra input channels (bokeh_jax/conditioning.py)."""
+
+    shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param('kernel', nn.initializers.lecun_normal(), self.shape)
+
+
 class ConvLayer(nn.Module):
-    """conv(k, n): stride 1, zero 'SAME' padding, bias, optional instance norm, leaky ReLU 0.2."""
+    """conv(k, n): stride 1, zero 'SAME' padding, bias, optional instance norm, leaky ReLU 0.2.
+
+    Called with `control` (maps [N, H, W, m]): they are m more input channels, with their own
+    kernel `control/kernel` [k, k, m, n]. With `film` ((scale, shift), each [N, n]): the output
+    before the activation is multiplied by 1 + scale and shifted (conditioning.py).
+    """
 
     features: int
     kernel: int
@@ -128,19 +162,38 @@ class ConvLayer(nn.Module):
     conv_impl: str = 'xla'  # a key of CONV_IMPLS; the parameters are the same for all
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Conv(
-            self.features,
-            (self.kernel, self.kernel),
-            padding='SAME',
-            dtype=self.dtype,
-            conv_general_dilated=CONV_IMPLS[resolve_conv_impl(self.conv_impl)],
-            name='conv',
-        )(x)
+    def __call__(self, x: jax.Array, control: jax.Array | None = None,
+                 film: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        conv_general_dilated = CONV_IMPLS[resolve_conv_impl(self.conv_impl)]
+        if control is None:
+            x = nn.Conv(
+                self.features,
+                (self.kernel, self.kernel),
+                padding='SAME',
+                dtype=self.dtype,
+                conv_general_dilated=conv_general_dilated,
+                name='conv',
+            )(x)
+        else:
+            x = self._conv_with_control(x, control, conv_general_dilated)
         if self.instance_norm:
             # Per sample and channel over H, W; biased variance; eps inside the sqrt (TF original).
             x = nn.InstanceNorm(epsilon=1e-3, dtype=self.dtype, name='norm')(x)
+        if film is not None:
+            x = conditioning.apply_film(x, film)
         return leaky_relu(x) if self.activation else x
+
+    def _conv_with_control(self, x, control, conv_general_dilated):
+        """nn.Conv's computation on [x, control] with kernel [conv/kernel, control/kernel]."""
+        k = self.kernel
+        kernel, bias = _ConvParams(self.features, k, name='conv')(x.shape[-1])
+        extra = _ControlKernel((k, k, control.shape[-1], self.features), name='control')()
+        x = jnp.concatenate([x, control.astype(x.dtype)], axis=-1).astype(self.dtype)
+        kernel = jnp.concatenate([kernel, extra], axis=2).astype(self.dtype)
+        dimensions = jax.lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                                    ('NHWC', 'HWIO', 'NHWC'))
+        y = conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=dimensions)
+        return y + bias.astype(self.dtype)
 
 
 class MultiBlock(nn.Module):
@@ -153,12 +206,21 @@ class MultiBlock(nn.Module):
     conv_impl: str = 'xla'
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, control: jax.Array | None = None,
+                 film: jax.Array | None = None) -> jax.Array:
+        """control: maps read by the first convs as extra channels; film: the FiLM embedding
+        [N, E], which scales and shifts the second convs (conditioning.py)."""
         outputs = []
         kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
-        for k in range(3, self.kmax + 1, 2):
-            y = ConvLayer(self.features, k, self.instance_norm, **kw, name=f'k{k}a')(x)
-            y = ConvLayer(self.features, k, self.instance_norm, **kw, name=f'k{k}b')(y)
+        ks = range(3, self.kmax + 1, 2)
+        n = self.features
+        if film is not None:
+            scale, shift = conditioning.film_head(film, n * len(ks))
+        for i, k in enumerate(ks):
+            y = ConvLayer(n, k, self.instance_norm, **kw, name=f'k{k}a')(x, control)
+            branch_film = None if film is None else (scale[:, i * n:(i + 1) * n],
+                                                     shift[:, i * n:(i + 1) * n])
+            y = ConvLayer(n, k, self.instance_norm, **kw, name=f'k{k}b')(y, film=branch_film)
             outputs.append(y)
         return jnp.concatenate(outputs, axis=-1)
 
@@ -227,7 +289,8 @@ class _TransposedKernel(nn.Module):
 class Upsample(nn.Module):
     """up(n): 3x3 stride-2 transposed conv (TF 'SAME': exactly 2H x 2W), no bias, leaky ReLU.
 
-    The kernel keeps TF's conv2d_transpose layout [3, 3, out, in] under `conv/kernel`.
+    The kernel keeps TF's conv2d_transpose layout [3, 3, out, in] under `conv/kernel`; `control`
+    maps [N, H, W, m] are m more input channels, kernel `control/kernel` [3, 3, out, m].
     """
 
     features: int
@@ -235,8 +298,12 @@ class Upsample(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, control: jax.Array | None = None) -> jax.Array:
         kernel = _TransposedKernel(self.features, name='conv')(x.shape[-1])
+        if control is not None:
+            extra = _ControlKernel((3, 3, self.features, control.shape[-1]), name='control')()
+            x = jnp.concatenate([x, control.astype(x.dtype)], axis=-1)
+            kernel = jnp.concatenate([kernel, extra], axis=3)
         x = upsample2x(x.astype(self.dtype), kernel.astype(self.dtype))
         return leaky_relu(x) if self.activation else x
 
@@ -283,19 +350,6 @@ def _few_channels_bwd(residuals, g):
 conv3x3_few_channels.defvjp(_few_channels_fwd, _few_channels_bwd)
 
 
-class _ConvParams(nn.Module):
-    """`kernel` [3, 3, in, out] and `bias` [out] of a 3x3 conv, as nn.Conv creates them."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param(
-            'kernel', nn.initializers.lecun_normal(), (3, 3, in_features, self.features)
-        )
-        return kernel, self.param('bias', nn.initializers.zeros, (self.features,))
-
-
 class Head(nn.Module):
     """3x3 conv to RGB logits with bias, no norm, no activation."""
 
@@ -315,7 +369,12 @@ def _cat(*xs: jax.Array) -> jax.Array:
 
 
 class _Level(nn.Module):
-    """Shared plumbing of a level: `head` (side output), `up_a`/`up_b` (to the next finer level)."""
+    """Shared plumbing of a level: `head` (side output), `up_a`/`up_b` (to the next finer level).
+
+    A level's `__call__` takes, besides its features, `control` (the control maps at its
+    resolution, read by its first block: condition_method 'levels') and `film` (the FiLM
+    embedding, read by every block: 'film'); both None in the unconditioned model.
+    """
 
     channels: int = 32
     dtype: Any = jnp.float32
@@ -334,7 +393,12 @@ class _Level(nn.Module):
 
 
 class Encoder(_Level):
-    """e1..e4 at H/2 ... H/16 (after space-to-depth); no instance norm in e1."""
+    """e1..e4 at H/2 ... H/16 (after space-to-depth); no instance norm in e1.
+
+    With `film`, it also holds the FiLM MLP (`film_mlp`, conditioning.FilmEmbedding).
+    """
+
+    film: bool = False
 
     def setup(self):
         c = self.channels
@@ -342,13 +406,21 @@ class Encoder(_Level):
         self.e2 = self.mb(3, 2 * c)
         self.e3 = self.mb(3, 4 * c)
         self.e4 = self.mb(3, 8 * c)
+        if self.film:
+            self.film_mlp = conditioning.FilmEmbedding()
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        e1 = self.e1(space_to_depth(x))
-        e2 = self.e2(max_pool(e1))
-        e3 = self.e3(max_pool(e2))
-        e4 = self.e4(max_pool(e3))
+    def __call__(self, x: jax.Array, control: jax.Array | None = None,
+                 film: jax.Array | None = None) -> tuple[jax.Array, ...]:
+        """control: the maps e1 reads, already space-to-depth'ed like x."""
+        e1 = self.e1(space_to_depth(x), control, film)
+        e2 = self.e2(max_pool(e1), film=film)
+        e3 = self.e3(max_pool(e2), film=film)
+        e4 = self.e4(max_pool(e3), film=film)
         return e1, e2, e3, e4
+
+    def embed(self, s: jax.Array) -> jax.Array:
+        """The FiLM embedding [N, E] of s [N]."""
+        return self.film_mlp(s)
 
 
 class Level7(_Level):
@@ -361,11 +433,11 @@ class Level7(_Level):
         self.up_b = Upsample(8 * self.channels, dtype=self.dtype)
         self.head = Head(dtype=self.dtype)
 
-    def __call__(self, e4: jax.Array) -> jax.Array:
-        d1 = self.d1(max_pool(e4))
-        d2 = self.d2(d1) + d1
-        d3 = self.d3(d2) + d2
-        return self.f(d3)
+    def __call__(self, e4: jax.Array, control=None, film=None) -> jax.Array:
+        d1 = self.d1(max_pool(e4), control, film)
+        d2 = self.d2(d1, film=film) + d1
+        d3 = self.d3(d2, film=film) + d2
+        return self.f(d3, film=film)
 
 
 class Level6(_Level):
@@ -378,12 +450,13 @@ class Level6(_Level):
         self.up_b = Upsample(4 * self.channels, dtype=self.dtype)
         self.head = Head(dtype=self.dtype)
 
-    def __call__(self, e4: jax.Array, u7a: jax.Array, u7b: jax.Array) -> jax.Array:
-        d3 = self.d3(_cat(e4, u7a))
-        d4 = self.d4(d3) + d3
-        d5 = self.d5(d4) + d4
-        d6 = _cat(self.d6(d5), u7b)
-        return self.f(d6)
+    def __call__(self, e4: jax.Array, u7a: jax.Array, u7b: jax.Array, control=None,
+                 film=None) -> jax.Array:
+        d3 = self.d3(_cat(e4, u7a), control, film)
+        d4 = self.d4(d3, film=film) + d3
+        d5 = self.d5(d4, film=film) + d4
+        d6 = _cat(self.d6(d5, film=film), u7b)
+        return self.f(d6, film=film)
 
 
 class Level5(_Level):
@@ -397,13 +470,14 @@ class Level5(_Level):
         self.up_b = Upsample(2 * self.channels, dtype=self.dtype)
         self.head = Head(dtype=self.dtype)
 
-    def __call__(self, e3: jax.Array, u6a: jax.Array, u6b: jax.Array) -> jax.Array:
+    def __call__(self, e3: jax.Array, u6a: jax.Array, u6b: jax.Array, control=None,
+                 film=None) -> jax.Array:
         a = _cat(e3, u6a)
-        d3 = self.d3(a) + a
-        d4 = self.d4(d3) + d3
-        d5 = self.d5(d4) + d4
-        d7 = _cat(self.d6(d5), e3, u6b)
-        return self.f(d7)
+        d3 = self.d3(a, control, film) + a
+        d4 = self.d4(d3, film=film) + d3
+        d5 = self.d5(d4, film=film) + d4
+        d7 = _cat(self.d6(d5, film=film), e3, u6b)
+        return self.f(d7, film=film)
 
 
 class Level4(_Level):
@@ -419,14 +493,15 @@ class Level4(_Level):
         self.up_b = Upsample(self.channels, dtype=self.dtype)
         self.head = Head(dtype=self.dtype)
 
-    def __call__(self, e2: jax.Array, u5a: jax.Array, u5b: jax.Array) -> jax.Array:
-        d3 = _cat(self.d3(_cat(e2, u5a)), e2)
-        d4 = self.d4(d3) + d3
-        d5 = self.d5(d4) + d4
-        d6 = self.d6(d5) + d5
-        d7 = _cat(self.d7(d6), e2)
-        d8 = _cat(self.d8(d7), u5b)
-        return self.f(d8)
+    def __call__(self, e2: jax.Array, u5a: jax.Array, u5b: jax.Array, control=None,
+                 film=None) -> jax.Array:
+        d3 = _cat(self.d3(_cat(e2, u5a), control, film), e2)
+        d4 = self.d4(d3, film=film) + d3
+        d5 = self.d5(d4, film=film) + d4
+        d6 = self.d6(d5, film=film) + d5
+        d7 = _cat(self.d7(d6, film=film), e2)
+        d8 = _cat(self.d8(d7, film=film), u5b)
+        return self.f(d8, film=film)
 
 
 class Level3(_Level):
@@ -440,16 +515,17 @@ class Level3(_Level):
         self.d9, self.d10, self.f = mb(7), mb(5), mb(3)
         self.head = Head(dtype=self.dtype)
 
-    def __call__(self, e1: jax.Array, u4a: jax.Array, u4b: jax.Array) -> jax.Array:
-        d3 = _cat(self.d3(_cat(e1, u4a)), e1)
-        d4 = self.d4(d3)
-        d5 = self.d5(d4)
-        d6 = self.d6(d5) + d5
-        d7 = self.d7(d6) + d6
-        d8 = self.d8(d7) + d7
-        d9 = _cat(self.d9(d8), e1)
-        d11 = _cat(self.d10(d9), u4b, e1)
-        return self.f(d11)
+    def __call__(self, e1: jax.Array, u4a: jax.Array, u4b: jax.Array, control=None,
+                 film=None) -> jax.Array:
+        d3 = _cat(self.d3(_cat(e1, u4a), control, film), e1)
+        d4 = self.d4(d3, film=film)
+        d5 = self.d5(d4, film=film)
+        d6 = self.d6(d5, film=film) + d5
+        d7 = self.d7(d6, film=film) + d6
+        d8 = self.d8(d7, film=film) + d7
+        d9 = _cat(self.d9(d8, film=film), e1)
+        d11 = _cat(self.d10(d9, film=film), u4b, e1)
+        return self.f(d11, film=film)
 
 
 class Level2(nn.Module):
@@ -461,8 +537,8 @@ class Level2(nn.Module):
         self.up = Upsample(LEVEL2_WIDTH, dtype=self.dtype)
         self.logits = Head(dtype=self.dtype)
 
-    def __call__(self, f3: jax.Array) -> jax.Array:
-        return self.logits(self.up(f3))
+    def __call__(self, f3: jax.Array, control: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.up(f3, control))
 
 
 class Level1(nn.Module):
@@ -474,8 +550,8 @@ class Level1(nn.Module):
         self.up = Upsample(3, dtype=self.dtype)
         self.head = Head(dtype=self.dtype)
 
-    def __call__(self, z2: jax.Array) -> jax.Array:
-        return image_head(self.head(self.up(z2))).astype(jnp.float32)
+    def __call__(self, z2: jax.Array, control: jax.Array | None = None) -> jax.Array:
+        return image_head(self.head(self.up(z2, control))).astype(jnp.float32)
 
 
 class PyNET(nn.Module):
@@ -488,8 +564,13 @@ class PyNET(nn.Module):
         'onednn' (CPU, float32; needs `make onednn`), or 'auto' (oneDNN where it runs, else XLA).
         dtype bfloat16 with oneDNN: see `compute_plan`.
         Same parameters and function for all.
+      condition: control.CONDITIONS: 'none' (the paper's model, one fixed look), 'aperture' or
+        'aperture_focus': the input carries that many control maps after its photo channels.
+      condition_method: how the maps are read, conditioning.METHODS ('input', 'levels', 'film';
+        see bokeh_jax/conditioning.py); ignored when condition is 'none'.
 
-    Call with x float32 [N, H, W, C] in [0, 1], C = 4 (RGB + depth, the paper) or 3 (RGB only), H
+    Call with x float32 [N, H, W, C + k] in [0, 1], C = 4 (RGB + depth, the paper) or 3 (RGB
+    only), k = control.condition_channels(condition) control maps (control.append_condition), H
     and W multiples of 32, and `level` k in 1..7. Returns {level: image} for every level from 7
     down to k; image j is float32 [N, H*s, W*s, 3] with s = level_output_scale(j), range about
     -0.08..1.08. Nothing finer than level k is computed. `init` always creates all parameters
@@ -499,15 +580,24 @@ class PyNET(nn.Module):
     channels: int = 32
     dtype: Any = jnp.float32
     conv_impl: str = 'xla'
+    condition: str = 'none'
+    condition_method: str = 'input'
 
     def setup(self):
         check_conv_impl(self.conv_impl)
+        control_lib.check_condition(self.condition)
+        conditioning.check_method(self.condition_method)
         dtype, conv_impl = compute_plan(self.dtype, self.conv_impl)
         kw = dict(channels=self.channels, dtype=dtype, conv_impl=conv_impl)
-        self.encoder = Encoder(**kw)
+        self.encoder = Encoder(**kw, film=self._method == 'film')
         self.level7, self.level6, self.level5 = Level7(**kw), Level6(**kw), Level5(**kw)
         self.level4, self.level3 = Level4(**kw), Level3(**kw)
         self.level2, self.level1 = Level2(dtype=dtype), Level1(dtype=dtype)
+
+    @property
+    def _method(self) -> str | None:
+        """condition_method, or None for the unconditioned model."""
+        return None if self.condition == 'none' else self.condition_method
 
     def __call__(self, x: jax.Array, level: int = 1) -> dict[int, jax.Array]:
         if level not in LEVELS:
@@ -525,45 +615,84 @@ class PyNET(nn.Module):
         """Encoder and the instance-norm levels 7..max(stop_at, 4), which need the whole image.
 
         Returns ({level: image}, (e1, u4a, u4b)); the second item, the input of the fine levels, is
-        only computed when stop_at <= 3 (else empty).
+        only computed when stop_at <= 3 (else empty). A conditioned model adds a fourth skip, its
+        control maps space-to-depth'ed to level 3's grid ([N, H/2, W/2, 4k]), which tiles like e1.
         """
-        check_input(x)
-        e1, e2, e3, e4 = self.encoder(x.astype(compute_plan(self.dtype, self.conv_impl)[0]))
+        check_input(x, self.condition)
+        dtype = compute_plan(self.dtype, self.conv_impl)[0]
+        film, control, extra = None, {}, ()
+        if self._method is None:
+            e1, e2, e3, e4 = self.encoder(x.astype(dtype))
+        else:
+            x, maps = conditioning.split_input(x, self.condition)
+            maps_half = space_to_depth(maps)  # float32: s is read from it (fine)
+            extra = (maps_half,)
+            if self._method == 'film':
+                film = self.encoder.embed(maps[:, 0, 0, 0])  # s, read before any cast
+                defocus = maps[..., 1:]  # empty for 'aperture'
+                e1_maps = space_to_depth(defocus.astype(dtype)) if defocus.shape[-1] else None
+            else:
+                e1_maps = maps_half
+            if self._method == 'levels':
+                half = conditioning.mean_of_quads(maps_half, maps.shape[-1])
+                control = conditioning.level_maps(half)
+            e1, e2, e3, e4 = self.encoder(x.astype(dtype), e1_maps, film)
         outputs = {}
-        f = self.level7(e4)
+        f = self.level7(e4, control.get(7), film)
         outputs[7] = self.level7.image(f)
         for lvl, module, skip in ((6, self.level6, e4), (5, self.level5, e3), (4, self.level4, e2)):
             if stop_at > lvl:
                 return outputs, ()
-            f = module(skip, *getattr(self, f'level{lvl + 1}').ups(f))
+            f = module(skip, *getattr(self, f'level{lvl + 1}').ups(f), control.get(lvl), film)
             outputs[lvl] = module.image(f)
         if stop_at > 3:
             return outputs, ()
-        return outputs, (e1, *self.level4.ups(f))
+        return outputs, (e1, *self.level4.ups(f), *extra)
 
     def fine(
-        self, e1: jax.Array, u4a: jax.Array, u4b: jax.Array, stop_at: int = 1
+        self, e1: jax.Array, u4a: jax.Array, u4b: jax.Array, maps: jax.Array | None = None,
+        stop_at: int = 1
     ) -> dict[int, jax.Array]:
-        """Levels 3..stop_at from level 3's inputs; no instance norm, so it can run on tiles."""
-        f3 = self.level3(e1, u4a, u4b)
+        """Levels 3..stop_at from level 3's inputs; no instance norm, so it can run on tiles.
+
+        maps: a conditioned model's fourth skip (`coarse`), cropped like the others.
+        """
+        film, control, control1 = None, None, None
+        if self._method == 'film':
+            film = self.encoder.embed(maps[:, 0, 0, 0].astype(jnp.float32))  # s: channel 0
+        elif self._method == 'levels':
+            k = control_lib.condition_channels(self.condition)
+            control = conditioning.mean_of_quads(maps, k)
+            control1 = conditioning.depth_to_space(maps, k)
+        f3 = self.level3(e1, u4a, u4b, control, film)
         outputs = {3: self.level3.image(f3)}
         if stop_at <= 2:
-            z2 = self.level2(f3)
+            z2 = self.level2(f3, control)
             outputs[2] = image_head(z2).astype(jnp.float32)
             if stop_at == 1:
-                outputs[1] = self.level1(z2)
+                outputs[1] = self.level1(z2, control1)
         return outputs
 
 
-def check_input(x: Any) -> None:
-    """Raises ValueError unless x is [N, H, W, 3 or 4] with H, W multiples of 32."""
+def check_input(x: Any, condition: str = 'none') -> None:
+    """Raises ValueError unless x is [N, H, W, C + k] with H, W multiples of 32: C = 3 or 4 (for
+    'aperture_focus' 4), k = control.condition_channels(condition)."""
     shape = tuple(getattr(x, 'shape', ()))
     if len(shape) != 4:
         raise ValueError(f'PyNET input must be [N, H, W, C]; got shape {shape}')
     _, h, w, ch = shape
-    if ch not in (3, 4):
+    k = control_lib.condition_channels(condition)
+    if k == 0 and ch not in (3, 4):
         raise ValueError(
             f'PyNET input must have 4 channels (RGB + depth) or 3 (RGB only); '
+            f'got {ch} channels in shape {shape}'
+        )
+    bases = (4,) if condition == 'aperture_focus' else (3, 4)
+    if k and ch - k not in bases:
+        photo = 'RGB + depth' if bases == (4,) else 'RGB(+depth)'
+        raise ValueError(
+            f'PyNET conditioned on {condition!r} takes {photo} followed by {k} control map(s) '
+            f'(control.append_condition): {" or ".join(str(b + k) for b in bases)} channels; '
             f'got {ch} channels in shape {shape}'
         )
     if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE or h == 0 or w == 0:
@@ -643,13 +772,18 @@ def init_params(
     input channels of the layer), biases 0; it keeps the signal's scale through level 3's ~20
     norm-free layers, which a fixed std of 0.01 shrinks at every layer with fewer than ~10^4
     inputs (all of them at small widths). Both: instance-norm scale 1 and shift 0.
+    A conditioned model (model.condition): its control kernels are drawn like the layer's own,
+    its FiLM heads are zero (FiLM starts as the identity) and its FiLM MLP gets He's init under
+    either scheme (std 0.01 would make the embedding vanish). input_channels counts the photo
+    (+ depth) channels only, 3 or 4; the control maps are added.
     The shapes come from `model.init` traced abstractly; the values are drawn with numpy from
     `rng`, because compiling Flax's per-parameter threefry init for 440 tensors takes tens of
     seconds on CPU, far longer than the forward pass itself.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f'Unknown init scheme {scheme!r}; expected one of {INIT_SCHEMES}')
-    x = jax.ShapeDtypeStruct((1, *size, input_channels), jnp.float32)
+    x = jax.ShapeDtypeStruct(
+        (1, *size, input_channels + control_lib.condition_channels(model.condition)), jnp.float32)
     shapes = jax.eval_shape(lambda r, x: model.init(r, x, level=1)['params'], rng, x)
     seed = np.asarray(jax.random.key_data(rng)).ravel().tolist()
     generator = np.random.default_rng(seed)
@@ -662,6 +796,13 @@ def init_params(
 
     def draw(path, leaf):
         names = [k.key for k in path]
+        if names[-2] == 'film':  # FiLM heads: zero, the identity
+            return np.zeros(leaf.shape, np.float32)
+        if names[-3] == 'film_mlp':  # the FiLM MLP: dense [in, out] layers
+            if names[-1] == 'bias':
+                return np.zeros(leaf.shape, np.float32)
+            std = LEAKY_RELU_GAIN / np.sqrt(leaf.shape[0])
+            return (generator.standard_normal(leaf.shape) * std).astype(np.float32)
         if names[-1] == 'kernel':
             if scheme == 'pynet':
                 return (truncated_normal(leaf.shape) * PYNET_INIT_STD).astype(np.float32)
@@ -678,9 +819,34 @@ def init_params(
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def param_shapes(channels: int = 32, input_channels: int = 4) -> Any:
-    """Parameter shapes (jax.ShapeDtypeStruct tree) without materializing any weights."""
-    x = jax.ShapeDtypeStruct((1, 32, 32, input_channels), jnp.float32)
-    return jax.eval_shape(
-        lambda r, x: PyNET(channels).init(r, x, level=1)['params'], jax.random.key(0), x
-    )
+def param_shapes(channels: int = 32, input_channels: int = 4, condition: str = 'none',
+                 condition_method: str = 'input') -> Any:
+    """Parameter shapes (jax.ShapeDtypeStruct tree) without materializing any weights.
+
+    input_channels: 3 or 4 (RGB(+depth)); the control maps of `condition` are added.
+    """
+    k = control_lib.condition_channels(condition)
+    x = jax.ShapeDtypeStruct((1, 32, 32, input_channels + k), jnp.float32)
+    model = PyNET(channels, condition=condition, condition_method=condition_method)
+    return jax.eval_shape(lambda r, x: model.init(r, x, level=1)['params'], jax.random.key(0), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditioned parameters (bokeh_jax/conditioning.py): what a tree is, and growing one.
+# ----------------------------------------------------------------------------------------------
+
+
+def condition_params(params: Any, condition: str, condition_method: str,
+                     rng: jax.Array | None = None) -> Any:
+    """Unconditioned parameters (e.g. the released PyNET from --mode=convert) grown into those of
+    PyNET(condition=..., condition_method=...) that compute the same images at any f-number and
+    focus: every kernel and FiLM head reading the control maps is zero; the FiLM MLP is drawn
+    from `rng` (He's init), so that training moves the heads off zero."""
+    if condition_of(params)[0] != 'none':
+        raise ValueError(f'condition_params grows unconditioned parameters; these are already '
+                         f'conditioned ({condition_of(params)})')
+    channels, input_channels = width_of(params)
+    model = PyNET(channels, condition=condition, condition_method=condition_method)
+    rng = jax.random.key(0) if rng is None else rng
+    fresh = init_params(model, rng, input_channels, scheme='he')
+    return conditioning.grow(params, fresh)

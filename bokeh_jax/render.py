@@ -75,8 +75,9 @@ NEEDS_DEPTH = (
 
 
 def input_channels_of(params: Any) -> int:
-    """3 (RGB) or 4 (RGB + depth): read from the first kernel (space-to-depth makes it 4x)."""
-    return int(params['encoder']['e1']['k3a']['conv']['kernel'].shape[2]) // 4
+    """3 (RGB) or 4 (RGB + depth): read from the first kernel (space-to-depth makes it 4x); a
+    conditioned model's control maps come on top (model.condition_of)."""
+    return model_lib.width_of(params)[1]
 
 
 def check_depth_aspect(depth_hw: tuple[int, int], photo_hw: tuple[int, int]) -> None:
@@ -215,14 +216,12 @@ def control_input(
 
 
 @functools.cache
-def _functions(channels: int, dtype: str, conv_impl: str, condition: str = 'none',
-               condition_method: str = 'input') -> tuple[Callable, Callable, Callable]:
-    """Jitted (whole, coarse, fine_tile) for PyNET(channels, dtype, conv_impl[, condition,
-    condition_method]); cached so they compile once per shape for the life of the process."""
-    # An unconditioned PyNET is built exactly as before conditioning existed.
-    conditioning = ({} if condition == 'none'
-                    else {'condition': condition, 'condition_method': condition_method})
-    model = model_lib.PyNET(channels, dtype=jnp.dtype(dtype), conv_impl=conv_impl, **conditioning)
+def _functions(channels: int, dtype: str, conv_impl: str, condition: tuple[str, str] = (
+        'none', 'input')) -> tuple[Callable, Callable, Callable]:
+    """Jitted (whole, coarse, fine_tile) for PyNET(channels, dtype, conv_impl, condition,
+    condition_method); cached so they compile once per shape for the life of the process."""
+    model = model_lib.PyNET(channels, dtype=jnp.dtype(dtype), conv_impl=conv_impl,
+                            condition=condition[0], condition_method=condition[1])
 
     @jax.jit
     def whole(params, x):
@@ -235,8 +234,8 @@ def _functions(channels: int, dtype: str, conv_impl: str, condition: str = 'none
 
     @functools.partial(jax.jit, static_argnames='size')
     def fine_tile(params, skips, origin, size):
-        # skips: (e1, u4a, u4b), and a conditioned model's control maps at level 3's grid. The
-        # crop origin is traced, so all tiles of an image share one compilation.
+        # The crop origin is traced, so all tiles of an image share one compilation. skips: e1,
+        # u4a, u4b (and a conditioned model's control maps), all on level 3's grid.
         crops = [
             jax.lax.dynamic_slice(f, (0, origin[0], origin[1], 0), (1, *size, f.shape[-1]))
             for f in skips
@@ -306,16 +305,13 @@ def render_model_input(
     max_tile: int,
     dtype: str = 'float32',
     conv_impl: str = 'xla',
-    condition: str = 'none',
-    condition_method: str = 'input',
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Level-1 output for a padded model input, cropped to out_hw: float32 [*out_hw, 3] in [0, 1].
 
     Args:
-      x: float32 [Hp, Wp, C] in [0, 1] (`model_input`, then `control_input` for a conditioned
-        model).
-      condition, condition_method: the parameters' conditioning (meta), 'none' for the paper's.
+      x: float32 [Hp, Wp, C] in [0, 1] (`model_input`); for a conditioned model (read from the
+        params: model.condition_of) followed by its control maps (control.append_condition).
       max_tile: 0 runs levels 1-3 in one pass; otherwise the largest side, in model-input pixels
         and halo included, of the crops they run on (memory of the fine levels ~ max_tile**2).
       dtype, conv_impl: the model's computation dtype and convolutions (PyNET's attributes).
@@ -323,8 +319,8 @@ def render_model_input(
         (total = 1 + tiles; untiled: once, (1, 1)), e.g. for a progress bar of a long render.
     """
     _check_max_tile(max_tile)
-    whole, coarse, fine_tile = _functions(channels, str(jnp.dtype(dtype)), conv_impl, condition,
-                                          condition_method)
+    whole, coarse, fine_tile = _functions(channels, str(jnp.dtype(dtype)), conv_impl,
+                                          model_lib.condition_of(params))
     params = jax.device_put(params)  # no copy when already on the device
     if max_tile == 0:
         out = np.asarray(whole(params, x[None]))[0, : out_hw[0], : out_hw[1]]
@@ -346,7 +342,7 @@ def render_model_input(
         progress(1, total)
     for r0, r1, rc in rows:
         for c0, c1, cc in cols:
-            tile = fine_tile(params, tuple(skips), jnp.array([rc, cc], jnp.int32), size=crop)
+            tile = fine_tile(params, skips, jnp.array([rc, cc], jnp.int32), size=crop)
             tile = np.asarray(tile)[0]
             out[s * r0 : s * r1, s * c0 : s * c1] = tile[
                 s * (r0 - rc) : s * (r1 - rc), s * (c0 - cc) : s * (c1 - cc)

@@ -39,7 +39,6 @@ class Control:
     pixel (x, y) of the photo to focus on (None: `classical.auto_focus`)."""
 
     condition: str = 'none'
-    method: str = 'input'
     fnumber: float = control.REFERENCE_FNUMBER
     focus: tuple[float, float] | None = None
 
@@ -76,7 +75,7 @@ def check_control(meta: dict, workdir: str, fnumber: str | None, focus: str | No
         raise RenderError(
             f'--focus={focus} is a pixel of one photo, but --input is a folder: render the photos '
             f'one by one to focus each, or leave out --focus to focus each on its centre')
-    return Control(condition, meta.get('condition_method', 'input'), value, point)
+    return Control(condition, value, point)
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -251,8 +250,7 @@ def _render_job(
             note += f', focus {where} (disparity {focus_disparity:.3f})'
     image = render.render_model_input(
         params, x, out_hw, channels=meta['channels'], max_tile=cfg.max_tile,
-        dtype=config.model.dtype, conv_impl=config.model.conv_impl,
-        condition=settings.condition, condition_method=settings.method,
+        dtype=config.model.dtype, conv_impl=config.model.conv_impl
     )
     seconds = time.perf_counter() - start
     try:

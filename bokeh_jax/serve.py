@@ -289,7 +289,6 @@ class App:
         self.estimate_depth = estimate_depth
         self.input_channels = int(meta['input_channels'])
         self.condition = str(meta.get('condition', 'none'))
-        self.condition_method = str(meta.get('condition_method', 'input'))
         self.lock = threading.Lock()
         self.sessions: dict[str, Session] = {}  # insertion order = age: the oldest goes first
         self.compiled: set[tuple[int, ...]] = set()
@@ -542,8 +541,7 @@ class App:
         image = render.render_model_input(
             self.params, x, out_hw, channels=int(self.meta['channels']),
             max_tile=config.render.max_tile, dtype=config.model.dtype,
-            conv_impl=config.model.conv_impl, condition=self.condition,
-            condition_method=self.condition_method, progress=progress)
+            conv_impl=config.model.conv_impl, progress=progress)
         self.compiled.add(x.shape)
         with self.lock:
             result.image, result.image_version = to_uint8(image), version

@@ -190,15 +190,13 @@ def model_renderer(workdir: str, max_tile: int = render.DEFAULT_MAX_TILE) -> Ren
         raise UserError(f'{workdir}: the model is unconditioned (one fixed look, whatever the '
                         'f-number); sweep a model trained with model.condition, or the classical '
                         'renderer (--renderer=classical)')
-    method, channels = meta.get('condition_method', 'input'), int(meta['channels'])
-    input_channels = int(meta['input_channels'])
+    channels, input_channels = int(meta['channels']), int(meta['input_channels'])
 
     def run(photo, depth, fnumber, focus):
         x, out_hw = render.model_input(photo, depth if input_channels == 4 else None,
                                        input_channels=input_channels)
         x = control.append_condition(x[None], condition, fnumber, focus)[0]
-        return render.render_model_input(params, x, out_hw, channels=channels, max_tile=max_tile,
-                                         condition=condition, condition_method=method)
+        return render.render_model_input(params, x, out_hw, channels=channels, max_tile=max_tile)
 
     return run
 

@@ -133,7 +133,7 @@ class _Run:
     config: ml_collections.ConfigDict
     workdir: str
     model: model_lib.PyNET
-    model_meta: dict  # channels, input_channels, source: stored with every checkpoint
+    model_meta: dict  # channels, input_channels, condition(_method), source: in every checkpoint
     manager: ocp.CheckpointManager
     logger: writer_lib.Logger
     stop: multihost.StopRequest
@@ -143,7 +143,12 @@ class _Run:
 
 
 def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tuple[Any, str]:
-    """Fresh parameters, or those of `config.train.init_from` (a workdir) for fine-tuning."""
+    """Fresh parameters, or those of `config.train.init_from` (a workdir) for fine-tuning.
+
+    Unconditioned parameters start a conditioned config grown by model.condition_params (the
+    new weights zero: the same images at first).
+    """
+    condition = (config.model.condition, config.model.condition_method)
     if config.train.init_from:
         params, meta = checkpoint_lib.load_params(config.train.init_from)
         if (meta['channels'], meta['input_channels']) != (config.model.channels, input_channels):
@@ -151,8 +156,20 @@ def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tu
                 f'config.train.init_from={config.train.init_from!r} holds PyNET(channels='
                 f'{meta["channels"]}, input_channels={meta["input_channels"]}), but the config '
                 f'asks for channels={config.model.channels}, input_channels={input_channels}')
-        return params, f'{config.train.init_from} (level {meta["level"]})'
-    model = model_lib.PyNET(config.model.channels)
+        source = f'{config.train.init_from} (level {meta["level"]})'
+        saved = model_lib.condition_of_meta(meta)
+        if saved[0] == 'none' and condition[0] != 'none':
+            params = model_lib.condition_params(params, *condition, jax.random.key(config.seed))
+            return params, f'{source}, grown to condition={condition[0]!r} ({condition[1]})'
+        if saved[0] != condition[0] or (saved[0] != 'none' and saved[1] != condition[1]):
+            raise ValueError(
+                f'config.train.init_from={config.train.init_from!r} holds a model with '
+                f'condition={saved[0]!r}, condition_method={saved[1]!r}, but the config asks for '
+                f'condition={condition[0]!r}, condition_method={condition[1]!r} (only an '
+                f"unconditioned model can start a conditioned one)")
+        return params, source
+    model = model_lib.PyNET(config.model.channels, condition=condition[0],
+                            condition_method=condition[1])
     params = model_lib.init_params(model, jax.random.key(config.seed), input_channels,
                                    scheme=config.model.init)
     return params, f'random ({config.model.init} init)'
@@ -199,9 +216,12 @@ def _train_levels(config: ml_collections.ConfigDict, workdir: str, vgg_params: A
     run = _Run(
         config=config, workdir=workdir,
         model=model_lib.PyNET(config.model.channels, dtype=jnp.dtype(config.model.dtype),
-                              conv_impl=config.model.conv_impl),
+                              conv_impl=config.model.conv_impl,
+                              condition=config.model.condition,
+                              condition_method=config.model.condition_method),
         model_meta={'channels': config.model.channels, 'input_channels': input_channels,
-                    'source': 'train'},
+                    'condition': config.model.condition,
+                    'condition_method': config.model.condition_method, 'source': 'train'},
         manager=checkpoints.checkpoint_manager(workdir, config),
         logger=writer_lib.Logger(workdir, jax.process_index() == 0),
         stop=multihost.StopRequest(),

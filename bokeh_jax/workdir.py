@@ -28,7 +28,8 @@ from bokeh_jax.errors import UserError
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
 # Fields that change the parameter tree: a model trained with one value cannot be used with another.
-MODEL_FIELDS = ('model.channels', 'data.builder_config')
+MODEL_FIELDS = ('model.channels', 'data.builder_config', 'model.condition',
+                'model.condition_method')
 
 
 def config_path(workdir: str) -> str:

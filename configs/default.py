@@ -72,6 +72,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # What runs the multi-blocks' convolutions: 'xla', or 'onednn' (CPU, float32: oneDNN's kernels
     # through jax.ffi, 3-4x faster kernel gradients; needs `make onednn`). Same parameters.
     config.model.conv_impl = 'xla'
+    # Aperture / focus control (bokeh_jax/control.py): 'none' (the paper: one fixed look),
+    # 'aperture' (the input gains one channel after the photo (+ depth): s = 2/N, N the f-number)
+    # or 'aperture_focus' (and the signed defocus map s * (disparity - focus); needs
+    # data.builder_config 'rgbd'). 'none' keeps the paper's parameter tree exactly.
+    config.model.condition = 'none'
+    # How a conditioned model reads the maps (bokeh_jax/conditioning.py): 'input' (extra input
+    # channels of the first conv), 'levels' (also, pooled, of every level's first conv) or 'film'
+    # (a per-block scale and shift from an MLP on Fourier features of s; the defocus map as an
+    # input channel). Ignored when condition is 'none'.
+    config.model.condition_method = 'input'
 
     config.data = ml_collections.ConfigDict()
     config.data.name = 'ebb'  # TFDS builder: 'ebb' (manual download) or 'synthetic_bokeh'
@@ -127,6 +137,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.final_eval = True
     config.train.keep_checkpoints = 3  # resumable checkpoints kept in WORKDIR/checkpoints
     # A workdir whose finest params/level_K start training (fine-tuning); '' = fresh parameters.
+    # An unconditioned workdir (e.g. the released PyNET imported by --mode=convert) may start a
+    # conditioned config (model.condition): the weights that read the control maps start at zero,
+    # so training begins from exactly that model (model.condition_params).
     config.train.init_from = ''
     # A diverged step: a NaN / Inf loss, or (spike_factor > 0) a loss over spike_factor times the
     # median of the last spike_window losses. 'stop' ends the run with an error; 'rollback'

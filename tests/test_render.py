@@ -241,7 +241,7 @@ def test_control_maps_follow_the_focus_pixel_on_depth_of_any_resolution():
 def test_check_control_validates_the_flags_against_the_model():
     conditioned = {'condition': 'aperture_focus', 'condition_method': 'input'}
     settings = render_jobs.check_control(conditioned, 'W', '2.8', '12,34', folder=False)
-    assert (settings.fnumber, settings.focus, settings.method) == (2.8, (12.0, 34.0), 'input')
+    assert (settings.fnumber, settings.focus) == (2.8, (12.0, 34.0))
     default_settings = render_jobs.check_control(conditioned, 'W', None, None, folder=True)
     assert (default_settings.fnumber, default_settings.focus) == (control.REFERENCE_FNUMBER, None)
     for fnumber, focus, folder, message in (
@@ -288,7 +288,7 @@ def test_conditioned_model_renders_tiled_at_an_fnumber_and_focus(tmp_path):
     x, out_hw = render.model_input(photo, depth, input_channels=4)
     x, focus = render.control_input(x, photo.shape[:2], condition=condition, fnumber=2.8,
                                     focus=(200, 40))
-    kw = dict(channels=CHANNELS, condition=condition, condition_method=method)
+    kw = dict(channels=CHANNELS)
     untiled = render.render_model_input(params, x, out_hw, max_tile=0, **kw)
     tiled = render.render_model_input(params, x, out_hw, max_tile=render.MIN_TILE, **kw)
     np.testing.assert_allclose(tiled, untiled, atol=1e-4, rtol=0)
@@ -296,10 +296,9 @@ def test_conditioned_model_renders_tiled_at_an_fnumber_and_focus(tmp_path):
     levels = model_lib.init_params(
         model_lib.PyNET(CHANNELS, condition=condition, condition_method='levels'),
         jax.random.key(4), input_channels=4, scheme='he')
-    lkw = dict(kw, condition_method='levels')
     np.testing.assert_allclose(
-        render.render_model_input(levels, x, out_hw, max_tile=render.MIN_TILE, **lkw),
-        render.render_model_input(levels, x, out_hw, max_tile=0, **lkw), atol=1e-4, rtol=0)
+        render.render_model_input(levels, x, out_hw, max_tile=render.MIN_TILE, **kw),
+        render.render_model_input(levels, x, out_hw, max_tile=0, **kw), atol=1e-4, rtol=0)
 
     workdir = str(tmp_path / 'work')
     checkpoint.save_params(workdir, 1, params, {'channels': CHANNELS, 'input_channels': 4,

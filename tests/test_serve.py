@@ -530,9 +530,8 @@ def test_conditioned_render_is_the_library_render_with_the_maps(files):
         assert status['focus'] == pytest.approx(focus, abs=1e-4) and focus > 0.8
         x, out_hw = render.model_input(item.photo, item.depth_map, input_channels=4)
         x = control.append_condition(x[None], 'aperture_focus', 4.0, focus)[0]
-        expected = render.render_model_input(
-            params, x, out_hw, channels=CHANNELS, max_tile=config.render.max_tile,
-            condition='aperture_focus', condition_method='input')
+        expected = render.render_model_input(params, x, out_hw, channels=CHANNELS,
+                                             max_tile=config.render.max_tile)
         assert np.abs(item.pynet.image.astype(np.float32) - expected * 255).max() <= 0.5 + 1e-3
         with pytest.raises(serve.UserError, match='fnumber must be an f-number'):
             app.request_pynet(item, None, None, 0.5)

@@ -9,6 +9,8 @@ from typing import Any
 
 import ml_collections
 
+from bokeh_jax import conditioning
+from bokeh_jax import control
 from bokeh_jax import input_pipeline
 from bokeh_jax import model as model_lib
 from bokeh_jax.errors import UserError
@@ -133,6 +135,14 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
     model_lib.check_conv_impl(config.model.conv_impl)
     _check_choice(config.model.init, model_lib.INIT_SCHEMES, 'config.model.init')
     _check_choice(config.data.builder_config, BUILDER_CONFIGS, 'config.data.builder_config')
+    condition = config.model.condition
+    _check_choice(condition, control.CONDITIONS, 'config.model.condition')
+    _check_choice(config.model.condition_method, conditioning.METHODS,
+                  'config.model.condition_method')
+    if condition == 'aperture_focus' and config.data.builder_config != 'rgbd':
+        raise UserError("config.model.condition='aperture_focus' reads the focus from the depth "
+                        "map: it needs config.data.builder_config='rgbd', got "
+                        f'{config.data.builder_config!r}')
 
 
 def input_channels(config: ml_collections.ConfigDict) -> int:

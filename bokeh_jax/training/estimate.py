@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bokeh_jax import control
 from bokeh_jax import image_ops
 from bokeh_jax import losses
 from bokeh_jax import model as model_lib
@@ -76,10 +77,13 @@ def estimate(config: ml_collections.ConfigDict, repeats: int = 3, step_budget_s:
     config_checks.validate_config(config, jax.device_count())
     devices = jax.local_device_count()
     crop, channels = config.data.crop_size, config_checks.input_channels(config)
+    condition = dict(condition=config.model.condition,
+                     condition_method=config.model.condition_method)
     model = model_lib.PyNET(config.model.channels, dtype=jnp.dtype(config.model.dtype),
-                            conv_impl=config.model.conv_impl)
-    params = model_lib.init_params(model_lib.PyNET(config.model.channels), jax.random.key(0),
-                                   channels)
+                            conv_impl=config.model.conv_impl, **condition)
+    params = model_lib.init_params(model_lib.PyNET(config.model.channels, **condition),
+                                   jax.random.key(0), channels)
+    channels += control.condition_channels(config.model.condition)  # the batches' input
     vgg = {}
     if config_checks.needs_vgg(config):  # random weights of VGG-19's shapes: the same cost
         vgg = losses.VGG19(VGG19_WIDTHS).init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
