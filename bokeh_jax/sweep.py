@@ -13,7 +13,9 @@ magnitude of the luminance, which falls as blur grows - in two regions of the de
 - out of focus: the third of the pixels farthest from the focal plane;
 - in focus: the tenth nearest to it;
 
-with the photo's own measures in both regions and each render's ratio to them. It ends with two
+with the photo's own measures in both regions and each render's ratio to them. A row `x0.5 x2`
+shows the photo brought to PyNET's input resolution and back: the sharpness a model that only
+upsamples what it sees would keep (PyNET reads the photo at half size). It ends with two
 verdicts: the out-of-focus blur is monotone in N (the measure never falls as N grows), and the
 in-focus measure stays within 10% of the photo's at every f-number.
 
@@ -98,6 +100,10 @@ class Sweep:
     focus: float  # focal disparity
     input_out: float
     input_in: float
+    # The photo through PyNET's resolution (x0.5, as the model sees it, then x2): what an output
+    # that only upsamples its input would measure. Informative; the verdicts use the photo.
+    resampled_out: float = 0.0
+    resampled_in: float = 0.0
     fnumbers: list[float] = dataclasses.field(default_factory=list)
     out_of_focus: list[float] = dataclasses.field(default_factory=list)
     in_focus: list[float] = dataclasses.field(default_factory=list)
@@ -119,7 +125,11 @@ class Sweep:
         lines = [f'{self.name} ({self.size[1]}x{self.size[0]}, depth: {self.depth}, focal '
                  f'disparity {self.focus:.3f})',
                  f'  {"":8s} {"out of focus":>13s} {"/ input":>8s} {"in focus":>10s} {"/ input":>8s}',
-                 f'  {"input":8s} {self.input_out:13.4f} {1:8.3f} {self.input_in:10.4f} {1:8.3f}']
+                 f'  {"input":8s} {self.input_out:13.4f} {1:8.3f} {self.input_in:10.4f} {1:8.3f}',
+                 f'  {"x0.5 x2":8s} {self.resampled_out:13.4f} '
+                 f'{self.resampled_out / self.input_out:8.3f} {self.resampled_in:10.4f} '
+                 f'{self.resampled_in / self.input_in:8.3f}   (the photo at the model\'s input '
+                 'resolution, upsampled)']
         for n, out, inside in zip(self.fnumbers, self.out_of_focus, self.in_focus, strict=True):
             lines.append(f'  {"f/" + format(n, "g"):8s} {out:13.4f} {out / self.input_out:8.3f} '
                          f'{inside:10.4f} {inside / self.input_in:8.3f}')
@@ -151,8 +161,11 @@ def sweep_photo(renderer: Renderer, name: str, photo: np.ndarray, depth: np.ndar
         focus = control.focus_disparity_at(disparity, row, col)
     in_focus, out_of_focus = regions(disparity, focus)
     original = image_ops.to_float(photo)
+    resampled = np.clip(image_ops.resize(
+        image_ops.resize(original, image_ops.half_size(height, width)), (height, width)), 0, 1)
     result = Sweep(name, (height, width), depth_source, focus,
-                   sharpness(original, out_of_focus), sharpness(original, in_focus))
+                   sharpness(original, out_of_focus), sharpness(original, in_focus),
+                   sharpness(resampled, out_of_focus), sharpness(resampled, in_focus))
     for fnumber in fnumbers:
         image = renderer(photo, depth, fnumber, focus)
         result.fnumbers.append(fnumber)

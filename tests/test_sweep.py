@@ -52,6 +52,8 @@ def test_classical_sweep_is_monotone_with_a_sharp_focal_plane():
     out_of_focus = [float(r[1]) for r in rows]
     assert out_of_focus == sorted(out_of_focus) and out_of_focus[0] < 0.6 * out_of_focus[-1]
     assert '(451x300, depth: ramp (vertical), focal disparity 0.500)' in result.stdout
+    resampled = [line.split() for line in lines if line.startswith('  x0.5 x2')][0]
+    assert float(resampled[3]) < 0.95  # the half-resolution photo upsampled is less sharp
     assert '  out-of-focus blur monotone in N: yes' in lines
     assert any(line.startswith('  in focus within 10% of the input: yes') for line in lines)
     assert lines[-1] == 'All sweeps monotone with a sharp focal plane: yes'
