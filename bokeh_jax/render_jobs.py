@@ -77,6 +77,7 @@ def check_control(meta: dict, workdir: str, fnumber: str | None, focus: str | No
             f'one by one to focus each, or leave out --focus to focus each on its centre')
     return Control(condition, value, point)
 
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One photo to render: its path, its depth map's path (None: RGB-only) and the output path."""
