@@ -270,10 +270,6 @@ def test_launch_says_an_unconditioned_model_has_one_look(tmp_path, workdir):
     assert not os.path.exists(tmp_path / 'o.png')
 
 
-CONDITIONED = 'condition' in getattr(model_lib.PyNET, '__dataclass_fields__', {})
-
-
-@pytest.mark.skipif(not CONDITIONED, reason='needs the conditioned PyNET (branch cmodel)')
 def test_conditioned_model_renders_tiled_at_an_fnumber_and_focus(tmp_path):
     """The control maps go into the whole model input before tiling: tiles agree with one pass.
     launch.py --fnumber --focus writes exactly that render; another f-number renders otherwise."""

@@ -40,10 +40,6 @@ SIZE = (106, 160)
 # Below the test photos' 16,960 pixels times 1.5: a 200x200 upload is too large.
 MAX_PIXELS = 25_000
 TIMEOUT_MS = 120_000  # first render includes compiling the tiny model
-# PyNET takes the aperture/focus conditioning of config.model.condition (branch cmodel).
-CONDITIONED = 'condition' in getattr(model_lib.PyNET, '__dataclass_fields__', {})
-needs_conditioning = pytest.mark.skipif(not CONDITIONED,
-                                        reason='needs the conditioned PyNET (branch cmodel)')
 
 try:
     from playwright.sync_api import sync_playwright
@@ -462,7 +458,6 @@ def make_conditioned_params(condition: str = 'aperture_focus'):
 
 
 @needs_browser
-@needs_conditioning
 def test_page_drives_a_conditioned_model_with_the_aperture_and_the_click(browser, files,
                                                                          tmp_path_factory):
     """The f-number slider and the focus click re-render the conditioned model (the classical
@@ -508,7 +503,6 @@ def test_page_drives_a_conditioned_model_with_the_aperture_and_the_click(browser
         context.close()
 
 
-@needs_conditioning
 def test_conditioned_render_is_the_library_render_with_the_maps(files):
     """In-process: the page's render at f/4 focused at a point is render_model_input of the model
     input with control.append_condition's maps (the same focus the classical render uses)."""

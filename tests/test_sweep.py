@@ -14,7 +14,6 @@ from bokeh_jax import checkpoint, classical, control, sweep
 from bokeh_jax import model as model_lib
 
 PHOTOS = os.path.join(helpers.ROOT, 'tests', 'data', 'photos')
-CONDITIONED = 'condition' in getattr(model_lib.PyNET, '__dataclass_fields__', {})
 
 
 def run_sweep(*args: str) -> subprocess.CompletedProcess:
@@ -74,7 +73,6 @@ def test_sweep_refuses_bad_arguments(tmp_path):
         sweep.model_renderer(str(tmp_path))
 
 
-@pytest.mark.skipif(not CONDITIONED, reason='needs the conditioned PyNET (branch cmodel)')
 def test_sweep_runs_a_conditioned_model(tmp_path):
     """A tiny random aperture_focus model: the program renders every f-number through the model
     and prints the table (an untrained model promises no monotone sweep)."""
