@@ -27,7 +27,8 @@ Modes:
   render    full-resolution bokeh of a photo or a folder with WORKDIR's level-1 params:
             --input=PHOTO|FOLDER [--depth=MAP|FOLDER] --output=FILE|FOLDER [--overwrite]
             (config.render; depth: any resolution, near = bright). Without --depth, an RGB + depth
-            model gets MegaDepth's estimate (needs import_depth first)
+            model gets MegaDepth's estimate (needs import_depth first). A model trained with
+            aperture/focus control (model.condition) takes --fnumber=2.8 --focus=X,Y (a pixel)
   import_depth  import the released MegaDepth weights (--megadepth_weights=best_generalization_net_G.pth,
             read without PyTorch) to WORKDIR/depth/megadepth/
   depth     depth maps in EBB!'s convention with WORKDIR's MegaDepth (config.depth):
@@ -89,6 +90,12 @@ _DEPTH = flags.DEFINE_string(
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'render: output image (format from its extension) or folder.'
 )
+_FNUMBER = flags.DEFINE_string(
+    'fnumber', None, 'render: f-number to render at (e.g. 2.8), for a model trained with aperture '
+    'control (model.condition); default 2.')
+_FOCUS = flags.DEFINE_string(
+    'focus', None, 'render: X,Y, the pixel of the photo to focus on (x right, y down), for a model '
+    'trained with focus control; default: the depth at the centre of the photo.')
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'render, depth, convert, export: replace existing outputs (never an input).')
 _MEGADEPTH_WEIGHTS = flags.DEFINE_string(
@@ -198,7 +205,7 @@ def run_render(config, workdir: str) -> None:
     try:
         render_jobs.render_paths(
             config, workdir, _INPUT.value, _DEPTH.value, _OUTPUT.value, overwrite=_OVERWRITE.value,
-            depth_fn=depth_fn)
+            depth_fn=depth_fn, fnumber=_FNUMBER.value, focus=_FOCUS.value)
     except render_jobs.RenderError as e:
         raise UserError(f'render failed: {e}') from None
 

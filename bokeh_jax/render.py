@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bokeh_jax import classical
+from bokeh_jax import control
 from bokeh_jax import image_ops
 from bokeh_jax import model as model_lib
 
@@ -155,6 +157,57 @@ def model_input(
         return x[:h, :w], (2 * h, 2 * w)
     x = image_ops.pad_to_shape(x, image_ops.round_up(h), image_ops.round_up(w), mode='reflect')
     return x, (height, width)
+
+
+def control_input(
+    x: np.ndarray,
+    photo_hw: tuple[int, int],
+    *,
+    condition: str,
+    fnumber: float,
+    focus: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, float | None]:
+    """A conditioned model's input: `model_input`'s x followed by its control maps (control.py).
+
+    The maps are made on the whole padded input, before any tiling, so every tile reads the same
+    maps as one untiled pass.
+
+    Args:
+      x: float32 [Hp, Wp, C] (`model_input`; C = 4 for 'aperture_focus': its depth channel is the
+        disparity the focus is read from).
+      photo_hw: the photo's (H, W); x holds it at half resolution in its top-left corner.
+      condition: 'none', 'aperture' or 'aperture_focus' (the parameters' meta).
+      fnumber: the f-number to render at (control.check_fnumber's range).
+      focus: (x, y), a pixel of the photo (x right, y down) to focus on; None = the classical
+        renderer's `auto_focus` over the photo's part of the depth channel. Only 'aperture_focus'
+        reads it.
+
+    Returns:
+      (float32 [Hp, Wp, C + control.condition_channels(condition)], the focal disparity in [0, 1],
+      or None when the condition has no focus).
+    """
+    if control.condition_channels(condition) == 0:
+        return x, None
+    if condition != 'aperture_focus':
+        return control.append_condition(x[None], condition, fnumber)[0], None
+    if x.shape[-1] != 4:
+        raise ValueError(f"condition 'aperture_focus' needs RGB + depth input; got {x.shape[-1]} "
+                         'channels')
+    height, width = photo_hw
+    # The photo's half-resolution part of x (less in pad_mode 'crop', which cuts the photo).
+    shown = (min(x.shape[0], -(-height // 2)), min(x.shape[1], -(-width // 2)))
+    disparity = x[: shown[0], : shown[1], 3]
+    if focus is None:
+        focus_disparity = classical.auto_focus(disparity)
+    else:
+        col, row = focus
+        if not (0 <= col < width and 0 <= row < height):
+            raise ValueError(f'--focus={col:g},{row:g} lies outside the {width}x{height} photo '
+                             '(X from 0 to width - 1, Y from 0 to height - 1)')
+        focus_disparity = control.focus_disparity_at(
+            disparity, min(row / 2, shown[0] - 1), min(col / 2, shown[1] - 1))
+    return (control.append_condition(x[None], condition, fnumber, focus_disparity)[0],
+            focus_disparity)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 import tqdm
 
 from bokeh_jax import checkpoint
+from bokeh_jax import control
 from bokeh_jax import image_io
 from bokeh_jax import output_paths
 from bokeh_jax import render
@@ -30,6 +31,52 @@ PHOTO_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
 class RenderError(Exception):
     """A problem with the user's files or arguments; the message names the file or flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """What a conditioned model is told besides the photo (control.py): the f-number, and the
+    pixel (x, y) of the photo to focus on (None: `classical.auto_focus`)."""
+
+    condition: str = 'none'
+    fnumber: float = control.REFERENCE_FNUMBER
+    focus: tuple[float, float] | None = None
+
+
+def check_control(meta: dict, workdir: str, fnumber: str | None, focus: str | None,
+                  folder: bool) -> Control:
+    """The control of a render run from --fnumber and --focus (None: not given) and the
+    parameters' meta; raises RenderError naming the flag.
+
+    Without the flags a conditioned model renders at f/2 (control.REFERENCE_FNUMBER, the blur of
+    the demo's fixed look) focused by `classical.auto_focus`.
+    """
+    condition = meta.get('condition', 'none')
+    given = [f'--{name}' for name, value in (('fnumber', fnumber), ('focus', focus)) if value]
+    if condition == 'none':
+        if given:
+            raise RenderError(
+                f'{" and ".join(given)}: the model in {workdir} is unconditioned (trained without '
+                f'aperture control): it renders one fixed look, the EBB! f/1.8-like blur focused '
+                f'on the subject. The classical thin-lens renderer takes an aperture and a focus '
+                f'point: --mode=serve (its blur slider and focus click), or train a controlled '
+                f'model with --config=configs/default.py:control')
+        return Control()
+    try:
+        value = control.check_fnumber(fnumber or control.REFERENCE_FNUMBER, '--fnumber')
+        point = control.parse_focus(focus) if focus else None
+    except ValueError as e:
+        raise RenderError(str(e)) from None
+    if point is not None and condition != 'aperture_focus':
+        raise RenderError(
+            f'--focus={focus}: the model in {workdir} controls the aperture only (condition '
+            f'{condition!r}); its focus is where it was trained to put it. Leave out --focus')
+    if point is not None and folder:
+        raise RenderError(
+            f'--focus={focus} is a pixel of one photo, but --input is a folder: render the photos '
+            f'one by one to focus each, or leave out --focus to focus each on its centre')
+    return Control(condition, value, point)
+
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -156,8 +203,10 @@ def plan_jobs(
 def _render_job(
     params: Any, meta: dict, job: Job, config: ml_collections.ConfigDict,
     depth_fn: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> tuple[np.ndarray, float]:
-    """Renders and writes one job; returns (photo, seconds spent rendering).
+    settings: Control = Control(),
+) -> tuple[np.ndarray, float, str]:
+    """Renders and writes one job; returns (photo, seconds spent rendering, a note on the
+    control used: '' for an unconditioned model).
 
     Raises RenderError naming the file.
     """
@@ -189,8 +238,17 @@ def _render_job(
             pad_mode=cfg.pad_mode,
             depth_far_is_bright=cfg.depth_far_is_bright,
         )
-    except ValueError as e:  # photo too small for the pad mode, ...
+        x, focus_disparity = render.control_input(
+            x, photo.shape[:2], condition=settings.condition, fnumber=settings.fnumber,
+            focus=settings.focus)
+    except ValueError as e:  # photo too small for the pad mode, focus outside the photo, ...
         raise RenderError(f'{job.photo}: {e}') from None
+    note = ''
+    if settings.condition != 'none':
+        note = f', f/{settings.fnumber:g}'
+        if focus_disparity is not None:
+            where = 'auto' if settings.focus is None else '{:g},{:g}'.format(*settings.focus)
+            note += f', focus {where} (disparity {focus_disparity:.3f})'
     image = render.render_model_input(
         params, x, out_hw, channels=meta['channels'], max_tile=cfg.max_tile,
         dtype=config.model.dtype, conv_impl=config.model.conv_impl
@@ -202,7 +260,7 @@ def _render_job(
         raise RenderError(str(e)) from None
     except OSError as e:
         raise RenderError(f'{job.output}: cannot write the output ({e})') from None
-    return photo, seconds
+    return photo, seconds, note
 
 
 def render_paths(
@@ -214,11 +272,15 @@ def render_paths(
     *,
     overwrite: bool = False,
     depth_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    fnumber: str | None = None,
+    focus: str | None = None,
 ) -> None:
     """`--mode=render`: renders a photo or a folder with the finest parameters in `workdir`.
 
     `depth_fn`: photo uint8 [H, W, 3] -> depth map, for an RGB + depth model run without
-    `depth_path` (e.g. `depth_maps.load_estimator`).
+    `depth_path` (e.g. `depth_maps.load_estimator`). `fnumber`, `focus`: --fnumber and --focus
+    ('X,Y', a pixel of the photo) for a conditioned model (`check_control`); a folder of photos
+    is rendered at one f-number, each photo focused by `classical.auto_focus`.
 
     Prints the time per photo (a folder also gets a progress bar). Raises RenderError before
     rendering for bad arguments (`plan_jobs`), and after rendering everything else when some photos
@@ -239,6 +301,7 @@ def render_paths(
             f'{workdir} are of level {meta.get("level")}; rendering needs level 1 (finish '
             f'training, or --mode=convert the released model)'
         )
+    settings = check_control(meta, workdir, fnumber, focus, os.path.isdir(input_path))
     jobs = plan_jobs(
         input_path,
         depth_path,
@@ -254,16 +317,17 @@ def render_paths(
     failures, compiled = [], set()
     for job in tqdm.tqdm(jobs, desc='render', unit='photo', disable=len(jobs) == 1):
         try:
-            photo, seconds = _render_job(params, meta, job, config, depth_fn)
+            photo, seconds, note = _render_job(params, meta, job, config, depth_fn, settings)
         except RenderError as e:
             failures.append(str(e))
             tqdm.tqdm.write(f'FAILED {e}', file=sys.stderr)
             continue
         # Same size, same shapes: only the first photo of a size compiles.
         height, width = photo.shape[:2]
-        note = '' if (height, width) in compiled else ' (first of this size: includes compiling)'
+        first = '' if (height, width) in compiled else ' (first of this size: includes compiling)'
         compiled.add((height, width))
-        tqdm.tqdm.write(f'{job.photo} ({width}x{height}) -> {job.output}: {seconds:.1f} s{note}')
+        tqdm.tqdm.write(f'{job.photo} ({width}x{height}{note}) -> {job.output}: {seconds:.1f} s'
+                        f'{first}')
     if failures:
         raise RenderError(
             f'{len(failures)} of {len(jobs)} photo(s) failed (the others were written):\n  '

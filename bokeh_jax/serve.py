@@ -3,7 +3,9 @@
 The page (bokeh_jax/serve_page/) uploads a photo and optionally its depth map, and shows side by
 side: the photo, the depth map used, the PyNET render of WORKDIR's level-1 parameters (full
 resolution, `render.render_full_resolution`, tiled) and the classical thin-lens render
-(`classical.render_bokeh`) whose focus is a click on the photo and whose blur is a slider. A
+(`classical.render_bokeh`) whose focus is a click on the photo and whose blur is a slider. A model
+trained with aperture/focus control (meta 'condition', control.py) gets an f-number slider, and
+the focus click drives it too: its control maps are appended to the model input before tiling. A
 before/after slider compares either render with the photo; both download at full resolution as
 PNG or JPEG with the photo's EXIF (orientation reset, since the pixels are stored upright).
 
@@ -20,6 +22,8 @@ HTTP API (JSON unless an image; errors are {"error": message} with status 4xx/5x
                                            body: the photo's K bytes, then the depth map's bytes
   GET  /api/sessions/ID                    state and progress of the depth map and both renders
   POST /api/sessions/ID/classical          {"x": 0..1 | null, "y": 0..1 | null, "strength": s}
+  POST /api/sessions/ID/pynet              {"x": 0..1 | null, "y": 0..1 | null, "fnumber": N}
+                                           (conditioned models only)
   GET  /api/sessions/ID/image/WHAT[?size=full&format=png|jpeg&download=1]
                                            WHAT: input, depth, pynet or classical
 
@@ -50,6 +54,7 @@ from PIL import ExifTags, Image
 
 from bokeh_jax import checkpoint
 from bokeh_jax import classical
+from bokeh_jax import control
 from bokeh_jax import errors
 from bokeh_jax import image_io
 from bokeh_jax import image_ops
@@ -71,7 +76,9 @@ MAX_STRENGTH = 0.3
 # Radius of the focus window around a clicked point, as a fraction of the depth map's longer side:
 # the median over a few pixels keeps a click on an edge from picking a stray value.
 FOCUS_WINDOW = 0.01
-_SESSION_PATH = re.compile(r'^/api/sessions/([A-Za-z0-9_-]{16,64})(/classical|/image/(\w+))?$')
+_SESSION_PATH = re.compile(
+    r'^/api/sessions/([A-Za-z0-9_-]{16,64})(/classical|/pynet|/image/(\w+))?$')
+RENDER_REQUESTS = ('/classical', '/pynet')
 
 
 class UserError(errors.UserError):
@@ -241,7 +248,7 @@ class Result:
     message: str = ''
     seconds: float = 0.0
     started: float = 0.0
-    version: int = 0  # classical: bumped by every new focus/strength request
+    version: int = 0  # bumped by every new focus/strength (classical) or f-number request
     image: np.ndarray | None = None  # uint8 [H, W, 3]
     image_version: int = 0  # the version `image` was rendered for
     settings: dict = dataclasses.field(default_factory=dict)
@@ -281,6 +288,7 @@ class App:
         self.workdir = workdir
         self.estimate_depth = estimate_depth
         self.input_channels = int(meta['input_channels'])
+        self.condition = str(meta.get('condition', 'none'))
         self.lock = threading.Lock()
         self.sessions: dict[str, Session] = {}  # insertion order = age: the oldest goes first
         self.compiled: set[tuple[int, ...]] = set()
@@ -307,6 +315,9 @@ class App:
             'max_upload_bytes': int(cfg.max_upload_mb * 2**20),
             'default_strength': classical.DEFAULT_STRENGTH,
             'max_strength': MAX_STRENGTH,
+            'condition': self.condition,
+            'fnumbers': list(control.FULL_STOPS),
+            'default_fnumber': control.REFERENCE_FNUMBER,
         }
 
     def session(self, session_id: str) -> Session:
@@ -353,11 +364,15 @@ class App:
             item.classical.state = 'waiting'
         item.classical.settings = {'strength': classical.DEFAULT_STRENGTH, 'focus': None,
                                    'point': None}
+        item.pynet.version = 1
+        if self.condition != 'none':
+            item.pynet.settings = {'fnumber': control.REFERENCE_FNUMBER, 'focus': None,
+                                   'point': None}
         with self.lock:
             self.sessions[item.id] = item
             while len(self.sessions) > max(1, cfg.max_sessions):
                 del self.sessions[next(iter(self.sessions))]
-        self.model_worker.submit(self._run_model, item)
+        self.model_worker.submit(self._run_model, item, 1)
         if item.depth is not None:
             self.request_classical(item, None, None, classical.DEFAULT_STRENGTH)
         return item
@@ -392,6 +407,39 @@ class App:
         self.classical_worker.submit(self._run_classical, item, version, focus, strength)
         return version
 
+    def request_pynet(self, item: Session, x: float | None, y: float | None,
+                      fnumber: float) -> int:
+        """Queues a render of a conditioned model at `fnumber`, focused at (x, y) (fractions of
+        the photo; None = auto focus, the classical render's)."""
+        if self.condition == 'none':
+            raise UserError('this PyNET model is unconditioned: it renders one fixed look (the '
+                            'EBB! f/1.8-like blur); the classical render takes a blur strength '
+                            'and a focus point', status=409)
+        try:
+            fnumber = control.check_fnumber(fnumber, 'fnumber')
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if (x is None) != (y is None) or (x is not None and not (0 <= x <= 1 and 0 <= y <= 1)):
+            raise UserError(f'the focus point must be two fractions in 0..1; got ({x}, {y})')
+        with self.lock:
+            result = item.pynet
+            result.version += 1
+            result.state, result.stage, result.message, result.progress = 'queued', '', '', 0.0
+            result.settings = {'fnumber': fnumber, 'focus': None,
+                               'point': None if x is None else [x, y]}
+            version = result.version
+        self.model_worker.submit(self._run_model, item, version)
+        return version
+
+    def _focus(self, item: Session, point: list | None) -> float | None:
+        """The focal disparity of a conditioned render: at the clicked point (fractions) or the
+        auto focus, read from the depth map shown (the model's depth channel, at half size)."""
+        if self.condition != 'aperture_focus':
+            return None
+        if point is None:
+            return classical.auto_focus(item.depth.astype(np.float32) / 255)
+        return focus_at(item.depth, *point)
+
     def image(self, item: Session, what: str) -> tuple[np.ndarray, bool]:
         """(uint8 image, keeps EXIF) of `what`; the depth map is shown at the photo's size."""
         with self.lock:
@@ -408,10 +456,13 @@ class App:
             for key, value in fields.items():
                 setattr(result, key, value)
 
-    def _run_model(self, item: Session) -> None:
-        """Model worker: the depth estimate when needed, then the PyNET render."""
+    def _run_model(self, item: Session, version: int) -> None:
+        """Model worker: the depth estimate when needed, then the PyNET render (skipped when a
+        newer f-number/focus request replaced it while it waited)."""
         result = item.pynet
         with self.lock:
+            if result.version != version:
+                return
             if item.id not in self.sessions:  # dropped for newer uploads while it waited
                 result.state, result.message = 'error', 'dropped for newer uploads'
                 return
@@ -421,7 +472,7 @@ class App:
                 self._estimate(item)
             if self.input_channels == 4 and item.depth_map is None:
                 raise UserError('no depth map: the model takes RGB + depth')
-            self._render_pynet(item)
+            self._render_pynet(item, version)
         except UserError as e:
             self._set(result, state='error', message=str(e))
         except Exception as e:  # a failed render must not stop the worker or the server
@@ -457,7 +508,7 @@ class App:
             item.notes.append('Depth map estimated by MegaDepth (no depth map was uploaded).')
         self.request_classical(item, None, None, classical.DEFAULT_STRENGTH)
 
-    def _render_pynet(self, item: Session) -> None:
+    def _render_pynet(self, item: Session, version: int) -> None:
         config, result = self.config, item.pynet
         self._set(result, stage='preparing the model input')
         try:
@@ -465,6 +516,16 @@ class App:
                 item.photo, item.depth_map if self.input_channels == 4 else None,
                 input_channels=self.input_channels, pad_mode=config.render.pad_mode,
                 depth_far_is_bright=config.render.depth_far_is_bright)
+            if self.condition != 'none':
+                with self.lock:
+                    settings = dict(result.settings)
+                focus = self._focus(item, settings['point'])
+                # Before tiling: every tile reads the maps of the whole input.
+                x = control.append_condition(x[None], self.condition, settings['fnumber'],
+                                             focus)[0]
+                with self.lock:
+                    if result.version == version:
+                        result.settings['focus'] = None if focus is None else round(focus, 4)
         except ValueError as e:
             raise UserError(str(e)) from None
         first = x.shape not in self.compiled
@@ -482,8 +543,10 @@ class App:
             max_tile=config.render.max_tile, dtype=config.model.dtype,
             conv_impl=config.model.conv_impl, progress=progress)
         self.compiled.add(x.shape)
-        self._set(result, image=to_uint8(image), state='done', stage='', progress=1.0,
-                  image_version=1)
+        with self.lock:
+            result.image, result.image_version = to_uint8(image), version
+            if result.version == version:  # else a newer request is queued: it stays 'queued'
+                result.state, result.stage, result.progress = 'done', '', 1.0
 
     def _run_classical(self, item: Session, version: int, focus: float, strength: float) -> None:
         result = item.classical
@@ -553,7 +616,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send_json(self.app.info())
             return
         match = _SESSION_PATH.match(path)
-        if not match or match.group(2) == '/classical':
+        if not match or match.group(2) in RENDER_REQUESTS:
             raise UserError(f'no such page: {path}', status=404)
         item = self.app.session(match.group(1))
         if match.group(3) is None:
@@ -577,17 +640,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send_json(self.app.status(item), 201)
             return
         match = _SESSION_PATH.match(path)
-        if not match or match.group(2) != '/classical':
+        if not match or match.group(2) not in RENDER_REQUESTS:
             raise UserError(f'no such endpoint: POST {path}', status=404)
         item = self.app.session(match.group(1))
+        what = match.group(2)[1:]
         try:
             request = json.loads(body or b'{}')
             x, y = request.get('x'), request.get('y')
             x, y = (None if v is None else float(v) for v in (x, y))
-            strength = float(request.get('strength', classical.DEFAULT_STRENGTH))
+            if what == 'classical':
+                strength = float(request.get('strength', classical.DEFAULT_STRENGTH))
+            else:
+                fnumber = request.get('fnumber', control.REFERENCE_FNUMBER)
         except (ValueError, TypeError, AttributeError) as e:
-            raise UserError(f'bad classical render request: {e}') from None
-        version = self.app.request_classical(item, x, y, strength)
+            raise UserError(f'bad {what} render request: {e}') from None
+        if what == 'classical':
+            version = self.app.request_classical(item, x, y, strength)
+        else:
+            version = self.app.request_pynet(item, x, y, fnumber)
         self._send_json({'version': version}, 202)
 
     # ---- bodies ------------------------------------------------------------------------------

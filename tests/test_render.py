@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import helpers
-from bokeh_jax import checkpoint, image_io, image_ops, render, render_jobs
+from bokeh_jax import checkpoint, classical, control, image_io, image_ops, render, render_jobs
 from bokeh_jax import model as model_lib
 from configs import default
 from helpers import random_photo, save_png
@@ -204,6 +204,116 @@ def test_model_input_rejects_bad_depth_and_photos():
     with pytest.raises(ValueError, match='max_tile'):
         x = np.zeros((32, 32, 3), np.float32)
         render.render_model_input({}, x, (64, 64), channels=CHANNELS, max_tile=100)
+
+
+# ---- aperture and focus control (config.model.condition) -------------------------------------
+
+
+def test_control_maps_follow_the_focus_pixel_on_depth_of_any_resolution():
+    """--focus X,Y is a pixel of the photo: its disparity is read from the model input's depth
+    channel (the map brought to half resolution), whatever the map's own resolution."""
+    photo = random_photo(np.random.default_rng(6), 90, 130)  # pads to a 64x96 model input
+    # Far on the left half of the photo, near on the right, as a 3x-coarser map.
+    depth = np.where(np.arange(130 // 3)[None, :] < 130 // 6, 50, 230).astype(np.uint8)
+    depth = np.repeat(depth, 90 // 3, axis=0)
+    x, _ = render.model_input(photo, depth, input_channels=4)
+    for (col, row), near in (((10, 80), False), ((120, 5), True)):
+        got, focus = render.control_input(x, (90, 130), condition='aperture_focus', fnumber=4.0,
+                                          focus=(col, row))
+        # Stretched to 0..255 (bicubic ringing at the step keeps the flat sides off 0 and 1).
+        assert (focus > 0.9) if near else (focus < 0.1), focus
+        assert got.shape == (64, 96, 6)
+        np.testing.assert_array_equal(got[..., :4], x)
+        np.testing.assert_allclose(got[..., 4], 0.5)  # s = 2 / 4
+        np.testing.assert_allclose(got[..., 5], 0.5 * (x[..., 3] - focus), atol=1e-6)
+    # No focus pixel: the classical renderer's auto focus over the photo's part of the input.
+    _, focus = render.control_input(x, (90, 130), condition='aperture_focus', fnumber=2.0)
+    assert focus == classical.auto_focus(x[:45, :65, 3])
+    with pytest.raises(ValueError, match=r'--focus=130,5 lies outside the 130x90 photo'):
+        render.control_input(x, (90, 130), condition='aperture_focus', fnumber=2.0,
+                             focus=(130, 5))
+    # 'aperture' appends s only; 'none' leaves the input as it is (the same array).
+    got, focus = render.control_input(x, (90, 130), condition='aperture', fnumber=8.0)
+    assert focus is None and got.shape == (64, 96, 5) and np.all(got[..., 4] == 0.25)
+    assert render.control_input(x, (90, 130), condition='none', fnumber=8.0)[0] is x
+
+
+def test_check_control_validates_the_flags_against_the_model():
+    conditioned = {'condition': 'aperture_focus', 'condition_method': 'input'}
+    settings = render_jobs.check_control(conditioned, 'W', '2.8', '12,34', folder=False)
+    assert (settings.fnumber, settings.focus) == (2.8, (12.0, 34.0))
+    default_settings = render_jobs.check_control(conditioned, 'W', None, None, folder=True)
+    assert (default_settings.fnumber, default_settings.focus) == (control.REFERENCE_FNUMBER, None)
+    for fnumber, focus, folder, message in (
+        ('0.5', None, False, '--fnumber must be an f-number between 1 and 32'),
+        ('wide', None, False, '--fnumber must be a number'),
+        (None, '12', False, '--focus must be X,Y'),
+        (None, '1,2', True, '--focus=1,2 is a pixel of one photo, but --input is a folder'),
+    ):
+        with pytest.raises(render_jobs.RenderError, match=message):
+            render_jobs.check_control(conditioned, 'W', fnumber, focus, folder)
+    with pytest.raises(render_jobs.RenderError, match="controls the aperture only"):
+        render_jobs.check_control({'condition': 'aperture'}, 'W', None, '1,2', False)
+    assert render_jobs.check_control({}, 'W', None, None, False) == render_jobs.Control()
+
+
+def test_launch_says_an_unconditioned_model_has_one_look(tmp_path, workdir):
+    photo = save_png(tmp_path / 'p.png', random_photo(np.random.default_rng(13), 40, 40))
+    depth = save_png(tmp_path / 'd.png', np.zeros((20, 20), np.uint8))
+    result = launch(f'--workdir={workdir}', f'--input={photo}', f'--depth={depth}',
+                    f'--output={tmp_path}/o.png', '--fnumber=2.8', '--focus=10,10')
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith('error: render failed: --fnumber and --focus: the model in'), lines
+    assert 'one fixed look' in lines[-1] and 'classical thin-lens renderer' in lines[-1]
+    assert '--mode=serve' in lines[-1]
+    assert not os.path.exists(tmp_path / 'o.png')
+
+
+def test_conditioned_model_renders_tiled_at_an_fnumber_and_focus(tmp_path):
+    """The control maps go into the whole model input before tiling: tiles agree with one pass.
+    launch.py --fnumber --focus writes exactly that render; another f-number renders otherwise."""
+    condition, method = 'aperture_focus', 'input'
+    params = model_lib.init_params(
+        model_lib.PyNET(CHANNELS, condition=condition, condition_method=method),
+        jax.random.key(3), input_channels=4, scheme='he')
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * np.float32(1.4) if path[-1].key == 'kernel' else x, params)
+    rng = np.random.default_rng(14)
+    photo, depth = random_photo(rng, 301, 263), rng.random((150, 131)).astype(np.float32)
+    x, out_hw = render.model_input(photo, depth, input_channels=4)
+    x, focus = render.control_input(x, photo.shape[:2], condition=condition, fnumber=2.8,
+                                    focus=(200, 40))
+    kw = dict(channels=CHANNELS)
+    untiled = render.render_model_input(params, x, out_hw, max_tile=0, **kw)
+    tiled = render.render_model_input(params, x, out_hw, max_tile=render.MIN_TILE, **kw)
+    np.testing.assert_allclose(tiled, untiled, atol=1e-4, rtol=0)
+    # 'levels' also feeds the maps to levels 2 and 1, which run in the tiles.
+    levels = model_lib.init_params(
+        model_lib.PyNET(CHANNELS, condition=condition, condition_method='levels'),
+        jax.random.key(4), input_channels=4, scheme='he')
+    np.testing.assert_allclose(
+        render.render_model_input(levels, x, out_hw, max_tile=render.MIN_TILE, **kw),
+        render.render_model_input(levels, x, out_hw, max_tile=0, **kw), atol=1e-4, rtol=0)
+
+    workdir = str(tmp_path / 'work')
+    checkpoint.save_params(workdir, 1, params, {'channels': CHANNELS, 'input_channels': 4,
+                                                'condition': condition, 'condition_method': method})
+    photo_path = save_png(tmp_path / 'p.png', photo)
+    depth_path = str(tmp_path / 'd.npy')
+    np.save(depth_path, depth)
+    result = launch('--config=configs/default.py:tiny', f'--workdir={workdir}',
+                    f'--input={photo_path}', f'--depth={depth_path}', f'--output={tmp_path}/o.png',
+                    '--fnumber=2.8', '--focus=200,40')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'(263x301, f/2.8, focus 200,40 (disparity {focus:.3f}))' in result.stdout
+    expected = render.render_model_input(params, x, out_hw, max_tile=TINY_MAX_TILE, **kw)
+    got = np.asarray(Image.open(tmp_path / 'o.png'), np.float32)
+    assert np.abs(got - expected * 255).max() <= 0.5 + 1e-3
+    other, _ = render.control_input(x[..., :4], photo.shape[:2], condition=condition,
+                                    fnumber=16.0, focus=(200, 40))
+    assert np.abs(render.render_model_input(params, other, out_hw, max_tile=0, **kw)
+                  - untiled).mean() > 1e-3
 
 
 def test_plan_jobs_pairs_files_and_refuses_bad_arguments(tmp_path):

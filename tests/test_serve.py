@@ -8,6 +8,7 @@ tests/artifacts/serve.png (ignored by git) to be looked at.
 The depth-estimator hook is tested in-process, without a browser.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -24,7 +25,7 @@ import pytest
 from PIL import ExifTags, Image
 
 import helpers
-from bokeh_jax import checkpoint, image_io, render, serve
+from bokeh_jax import checkpoint, classical, image_io, render, serve
 from bokeh_jax import model as model_lib
 from configs import default
 
@@ -101,6 +102,12 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def server(workdir):
+    with serving(workdir) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(workdir):
     """`launch.py --mode=serve --port=0` as a subprocess: yields its URL, read from its stdout."""
     command = helpers.launch_command('--mode=serve', f'--workdir={workdir}', '--port=0',
                                      '--config=configs/default.py:tiny',
@@ -402,6 +409,13 @@ def test_http_errors_are_json_messages(files):
             return e.code, json.loads(e.read())
 
     try:
+        # An unconditioned model renders one look: a request for an f-number is refused.
+        with open(files['coffee'], 'rb') as f, open(files['depth'], 'rb') as g:
+            item = app.create_session(f.read(), 'coffee.png', g.read(), 'depth.png')
+        status, reply = call(f'/api/sessions/{item.id}/pynet', b'{"fnumber": 4}')
+        assert status == 409 and 'one fixed look' in reply['error'], reply
+        status, reply = call(f'/api/sessions/{item.id}/pynet')  # GET
+        assert status == 404
         status, reply = call('/api/sessions?photo_name=big.png', b'x' * 20_000)
         assert status == 413 and 'at most 0.01 MiB (config.serve.max_upload_mb)' in reply['error']
         status, reply = call('/api/sessions/' + 'a' * 22)
@@ -412,6 +426,7 @@ def test_http_errors_are_json_messages(files):
         assert status == 400 and 'photo_bytes=99 but 3 bytes' in reply['error']
         status, reply = call('/api/info')
         assert status == 200 and reply['needs_depth'] and not reply['can_estimate_depth']
+        assert reply['condition'] == 'none'
     finally:
         server.shutdown()
         server.server_close()
@@ -430,3 +445,89 @@ def test_render_reports_progress_per_tile():
                                       progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert tiled.shape == (1024, 64, 3)
+
+
+# ---- a model trained with aperture and focus control -----------------------------------------
+
+
+def make_conditioned_params(condition: str = 'aperture_focus'):
+    model = model_lib.PyNET(CHANNELS, condition=condition, condition_method='input')
+    params = model_lib.init_params(model, jax.random.key(0), input_channels=4, scheme='he')
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * np.float32(1.4) if path[-1].key == 'kernel' else x, params)
+
+
+@needs_browser
+def test_page_drives_a_conditioned_model_with_the_aperture_and_the_click(browser, files,
+                                                                         tmp_path_factory):
+    """The f-number slider and the focus click re-render the conditioned model (the classical
+    render follows at the same aperture); the page shows what each render was made with."""
+    workdir = str(tmp_path_factory.mktemp('conditioned'))
+    checkpoint.save_params(workdir, 1, make_conditioned_params(), {
+        'channels': CHANNELS, 'input_channels': 4, 'condition': 'aperture_focus',
+        'condition_method': 'input'})
+    with serving(workdir) as url:
+        context = browser.new_context(base_url=url, viewport={'width': 1280, 'height': 900})
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model-info').textContent.includes("
+                               "'aperture + focus control')")
+        assert page.is_visible('#fnumber') and page.is_hidden('#pynet-fixed')
+        upload(page, files['cat'], files['depth'])
+        wait_for_image(page, 'pynet')
+        first = session_status(page)['pynet']
+        assert first['fnumber'] == 2.0 and first['point'] is None
+        assert 0.3 < first['focus'] < 0.7  # auto focus: the middle of the left-right ramp
+        assert 'f/2, focus disparity' in page.text_content('#pynet-focus-info')
+        wide = read_image(page, 'pynet')
+
+        # The slider to its right end: f/16, for the model and (as strength) the classical render.
+        box = page.locator('#fnumber').bounding_box()
+        page.mouse.click(box['x'] + box['width'] - 2, box['y'] + box['height'] / 2)
+        wait_for_image(page, 'pynet', 2)
+        status = session_status(page)
+        assert status['pynet']['fnumber'] == 16.0 and page.text_content('#fnumber-value') == 'f/16'
+        assert np.abs(read_image(page, 'pynet') - wide).mean() > 0.5  # s reached the model
+        wait_for_image(page, 'classical', 2)
+        assert session_status(page)['classical']['strength'] == pytest.approx(
+            classical.DEFAULT_STRENGTH * 2 / 16)
+
+        # A click near the left edge (far): both renders focus there.
+        box = page.locator('#input-img').bounding_box()
+        page.mouse.click(box['x'] + 0.05 * box['width'], box['y'] + 0.5 * box['height'])
+        wait_for_image(page, 'pynet', 3)
+        clicked = session_status(page)['pynet']
+        assert clicked['point'][0] == pytest.approx(0.05, abs=0.02) and clicked['fnumber'] == 16.0
+        assert clicked['focus'] < 0.1 and 'clicked point' in page.text_content('#pynet-focus-info')
+        assert session_status(page)['classical']['focus'] == pytest.approx(clicked['focus'])
+        context.close()
+
+
+def test_conditioned_render_is_the_library_render_with_the_maps(files):
+    """In-process: the page's render at f/4 focused at a point is render_model_input of the model
+    input with control.append_condition's maps (the same focus the classical render uses)."""
+    from bokeh_jax import control
+
+    config = default.get_config('tiny')
+    params = make_conditioned_params()
+    meta = {'channels': CHANNELS, 'input_channels': 4, 'condition': 'aperture_focus',
+            'condition_method': 'input'}
+    app = serve.App(config, params, meta)
+    try:
+        with open(files['coffee'], 'rb') as f, open(files['depth'], 'rb') as g:
+            item = app.create_session(f.read(), 'coffee.png', g.read(), 'depth.png')
+        _wait(app, item)
+        app.request_pynet(item, 0.9, 0.5, 4.0)
+        status = _wait(app, item)['pynet']
+        assert status['state'] == 'done' and status['image_version'] == 2
+        focus = serve.focus_at(item.depth, 0.9, 0.5)
+        assert status['focus'] == pytest.approx(focus, abs=1e-4) and focus > 0.8
+        x, out_hw = render.model_input(item.photo, item.depth_map, input_channels=4)
+        x = control.append_condition(x[None], 'aperture_focus', 4.0, focus)[0]
+        expected = render.render_model_input(params, x, out_hw, channels=CHANNELS,
+                                             max_tile=config.render.max_tile)
+        assert np.abs(item.pynet.image.astype(np.float32) - expected * 255).max() <= 0.5 + 1e-3
+        with pytest.raises(serve.UserError, match='fnumber must be an f-number'):
+            app.request_pynet(item, None, None, 0.5)
+    finally:
+        app.close()

@@ -53,7 +53,22 @@ async function init() {
   $('strength').max = Math.min(info.max_strength, 0.15);
   $('strength').value = info.default_strength;
   $('strength-value').textContent = Number(info.default_strength).toFixed(3);
+  if (conditioned()) {
+    // A model trained with aperture (and focus) control: the f-number slider drives it, and the
+    // classical render follows at the same aperture (blur strength = default * 2 / N).
+    $('model-info').textContent += ` Trained with ${info.condition.replace('_', ' + ')} control.`;
+    $('pynet-fixed').hidden = true;
+    $('pynet-controls').hidden = false;
+    $('fnumber').max = info.fnumbers.length - 1;
+    $('fnumber').value = Math.max(0, info.fnumbers.indexOf(info.default_fnumber));
+    showFnumber();
+    if (info.condition === 'aperture_focus') $('focus-hint').textContent = '— click to set the focus of both renders';
+  }
 }
+
+function conditioned() { return info && info.condition && info.condition !== 'none'; }
+function fnumber() { return info.fnumbers[Number($('fnumber').value)]; }
+function showFnumber() { $('fnumber-value').textContent = `f/${fnumber()}`; }
 
 async function upload() {
   clearError();
@@ -138,6 +153,11 @@ function update(status) {
   }
   // PyNET.
   const pynet = status.pynet;
+  if (conditioned() && pynet.fnumber !== undefined) {
+    const focus = pynet.focus === null || pynet.focus === undefined ? '' : `, focus disparity ${pynet.focus.toFixed(3)}`;
+    $('pynet-focus-info').textContent = `Rendered at f/${pynet.fnumber}${focus}` +
+      (pynet.point ? ' (clicked point).' : (pynet.focus === null ? '.' : ' (automatic focus).'));
+  }
   $('pynet-progress').value = pynet.progress;
   $('pynet-status').textContent = describe(pynet, size);
   $('pynet-status').classList.toggle('error', pynet.state === 'error');
@@ -217,6 +237,21 @@ async function requestClassical(point) {
   poll();
 }
 
+async function requestPynet(point) {
+  if (!session || !last || !conditioned()) return;
+  const current = last.pynet;
+  const body = {
+    x: point ? point.x : (current.point ? current.point[0] : null),
+    y: point ? point.y : (current.point ? current.point[1] : null),
+    fnumber: fnumber(),
+  };
+  try {
+    await api(`/api/sessions/${session}/pynet`, { method: 'POST', body: JSON.stringify(body),
+      headers: { 'Content-Type': 'application/json' } });
+  } catch (e) { showError(e.message); return; }
+  poll();
+}
+
 // ---- wiring ----
 $('render').addEventListener('click', upload);
 $('input-img').addEventListener('click', (event) => {
@@ -228,6 +263,15 @@ $('input-img').addEventListener('click', (event) => {
   marker.style.top = `${100 * y}%`;
   marker.hidden = false;
   requestClassical({ x, y });
+  if (conditioned() && info.condition === 'aperture_focus') requestPynet({ x, y });
+});
+$('fnumber').addEventListener('input', showFnumber);
+$('fnumber').addEventListener('change', () => {
+  requestPynet(null);
+  const strength = Math.min(info.default_strength * info.default_fnumber / fnumber(), Number($('strength').max));
+  $('strength').value = strength;
+  $('strength-value').textContent = strength.toFixed(3);
+  if (last && last.depth.ready) requestClassical(null);
 });
 $('strength').addEventListener('input', () => { $('strength-value').textContent = Number($('strength').value).toFixed(3); });
 $('strength').addEventListener('change', () => requestClassical(null));
