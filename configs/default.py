@@ -273,6 +273,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
         cfg = config.train[f'level{level}']
         cfg.steps = 2
         cfg.batch_size = 2
+        cfg.warmup_steps = cfg.decay_steps = cfg.finetune.steps = 0  # after :demo or :control
         cfg.loss.vgg = 0.0
     config.train.log_every = 1
     config.train.checkpoint_every = 1
