@@ -11,9 +11,15 @@ or two control maps at the input's resolution:
 The thin-lens blur of a point grows with the aperture diameter, i.e. with 1 / N, so the
 synthetic renderer's blur strength at f-number N is `blur_strength(strength_at_f2, N)`, the one
 mapping from f-number to blur used everywhere (data generation, sweeps, the page).
+
+PyNET reads the photo at half resolution, so on its own it cannot return the full-resolution
+detail of what is in focus: `focus_detail` puts it back where the blur disc is under a pixel or
+two (config.render.focus_detail; a deviation from the paper, for conditioned models only).
 """
 
 import numpy as np
+
+from bokeh_jax import image_ops
 
 CONDITIONS = ('none', 'aperture', 'aperture_focus')
 REFERENCE_FNUMBER = 2.0  # s = 1 here
@@ -125,3 +131,45 @@ def parse_focus(text: str) -> tuple[float, float]:
                          f'{text!r}') from None
     return x, y
 
+
+
+# focus_detail: the photo's lost detail is kept in full where the blur disc is at most
+# DETAIL_FULL_PX wide, fading out to none at DETAIL_NONE_PX.
+DETAIL_FULL_PX, DETAIL_NONE_PX = 1.0, 2.0
+
+
+def focus_detail(output: np.ndarray, photo: np.ndarray, defocus: np.ndarray,
+                 px_per_defocus: float) -> np.ndarray:
+    """`output` with the photo's detail above half resolution added back where it is in focus.
+
+    Args:
+      output: float32 [H, W, 3], a conditioned model's full-resolution render of `photo`.
+      photo: float32 [H, W, 3] in [0, 1].
+      defocus: the signed defocus map s * (disparity - focus) the model read (its last input
+        channel, half resolution or any size: resized to [H, W]).
+      px_per_defocus: the blur disc's diameter, in output pixels, per unit of |defocus| that the
+        model learned (checkpoint meta `blur_px_per_defocus`: strength at f/2 x scene height).
+
+    The detail is photo - up(down(photo)) with the model input's own x0.5 resize; its weight is
+    1 where the disc is <= DETAIL_FULL_PX and 0 from DETAIL_NONE_PX on.
+    """
+    height, width = photo.shape[:2]
+    half = np.clip(image_ops.resize(photo, image_ops.half_size(height, width)), 0.0, 1.0)
+    lost = photo - image_ops.resize(half, (height, width))
+    disc = px_per_defocus * np.abs(image_ops.resize(np.asarray(defocus, np.float32),
+                                                    (height, width)))
+    weight = np.clip((DETAIL_NONE_PX - disc) / (DETAIL_NONE_PX - DETAIL_FULL_PX), 0.0, 1.0)
+    return (output + weight[..., None] * lost).astype(np.float32)
+
+
+def px_per_defocus(config, meta: dict) -> float | None:
+    """(config: a ConfigDict or the dict of a workdir's config.json.)
+    The blur disc diameter (output pixels) per unit of |defocus| a model learned: from its
+    meta, else from the config it was trained with (synthetic pairs: strength at f/2 x scene
+    height); None for a model without a focus map or trained on photos (no known scale)."""
+    if meta.get('blur_px_per_defocus'):
+        return float(meta['blur_px_per_defocus'])
+    model, data = config['model'], config['data']
+    if model.get('condition') != 'aperture_focus' or data['name'] != 'synthetic_bokeh':
+        return None
+    return float(data['synthetic']['strength']) * int(data['synthetic']['height'])

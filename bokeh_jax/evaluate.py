@@ -87,6 +87,8 @@ class Options:
     conv_impl: str = 'xla'
     grid_images: int = 0
     grid_tile: int = 0
+    # control.focus_detail on the level-1 output with this blur scale; None = not applied.
+    focus_detail_px: float | None = None
 
     def __post_init__(self):
         eval_protocol.check_protocol(self.protocol)
@@ -97,15 +99,19 @@ class Options:
                              f'{self.max_images}')
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, **overrides: Any) -> 'Options':
+    def from_config(cls, config: ml_collections.ConfigDict, meta: dict | None = None,
+                    **overrides: Any) -> 'Options':
         """config.eval (level, protocol, baselines, max_images, lpips_weights, grid_images,
-        grid_tile) and config.model (dtype, conv_impl), with `overrides` replacing fields."""
+        grid_tile), config.model (dtype, conv_impl) and config.render.focus_detail (with the
+        parameters' `meta`), with `overrides` replacing fields."""
         values = {'level': int(config.eval.level), 'protocol': config.eval.protocol,
                   'baselines': tuple(config.eval.baselines),
                   'max_images': int(config.eval.max_images),
                   'lpips_weights': config.eval.lpips_weights, 'dtype': str(config.model.dtype),
                   'conv_impl': config.model.conv_impl, 'grid_images': int(config.eval.grid_images),
-                  'grid_tile': int(config.eval.grid_tile)}
+                  'grid_tile': int(config.eval.grid_tile),
+                  'focus_detail_px': (control.px_per_defocus(config, meta or {})
+                                      if config.render.focus_detail else None)}
         return cls(**{**values, **overrides})
 
 
@@ -220,6 +226,8 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
     if 'classical' in baselines and not with_depth:
         notes.append('classical baseline absent: the rgb data set has no depth maps')
     methods = ('model',) + tuple(b for b in baselines if with_depth or b != 'classical')
+    detail = (options.focus_detail_px is not None and level == 1
+              and meta.get('condition', 'none') == 'aperture_focus')
     lpips_model = (lpips_lib.load_lpips(options.lpips_weights)
                    if options.lpips_weights else None)
     lpips_net = lpips_model.net if lpips_model else ''
@@ -231,7 +239,7 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
     batches = input_pipeline.eval_iterator(
         data, split, num_local_devices=num_devices, process_index=jax.process_index(),
         process_count=jax.process_count(), max_images=options.max_images,
-        with_photos=len(methods) > 1, condition=meta.get('condition', 'none'))
+        with_photos=len(methods) > 1 or detail, condition=meta.get('condition', 'none'))
     p_predict = _pmapped_predict(int(meta['channels']), options.dtype, level, options.conv_impl,
                                  model_lib.condition_of_meta(meta))
     replicated = flax.jax_utils.replicate(params)
@@ -250,6 +258,9 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
             sizes_here = [eval_protocol.level_size(h, w, level) if v else _INVALID
                           for v, h, w in zip(valid, heights, widths)]
             prediction = p_predict(replicated, batch['input'])
+            if detail:
+                prediction = _with_focus_detail(prediction, batch, sizes_here,
+                                                options.focus_detail_px)
             out_shape = prediction.shape[2:4]
             images = _level_images(batch, sizes_here, methods, level, out_shape)
             images['model'] = prediction
@@ -330,6 +341,22 @@ def _score_step(images: dict[str, Any], sizes: Sequence[tuple[int, int]],
                 if name in scores:
                     values[on, m, n] = scores[name][on, 0]
     return values
+
+
+def _with_focus_detail(prediction: Any, batch: dict[str, np.ndarray],
+                       sizes: Sequence[tuple[int, int]], px_per_defocus: float) -> np.ndarray:
+    """The level-1 prediction [D, 1, H, W, 3] with control.focus_detail applied per image."""
+    prediction = np.array(jax.device_get(prediction))
+    for d, size in enumerate(sizes):
+        if size == _INVALID or min(size) <= 0:
+            continue
+        height, width = int(batch['height'][d, 0]), int(batch['width'][d, 0])
+        half_h, half_w = image_ops.half_size(height, width)
+        prediction[d, 0, :height, :width] = control.focus_detail(
+            prediction[d, 0, :height, :width],
+            image_ops.to_float(batch['photo'][d, 0, :height, :width]),
+            batch['input'][d, 0, :half_h, :half_w, -1], px_per_defocus)
+    return prediction
 
 
 def _level_images(batch: dict[str, np.ndarray], sizes: Sequence[tuple[int, int]],
@@ -427,7 +454,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f'level {trained} only, so the level-{level} output is untrained; set '
             f'config.eval.level >= {trained} or train further')
     split = config.data.eval_split
-    options = Options.from_config(config)
+    options = Options.from_config(config, meta)
     result = evaluate_split(params, meta, config.data, split, options)
     summary = result.summary
     if jax.process_index() == 0:

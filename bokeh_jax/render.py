@@ -353,6 +353,20 @@ def render_model_input(
     return np.clip(out[: out_hw[0], : out_hw[1]], 0.0, 1.0)
 
 
+def with_focus_detail(image: np.ndarray, photo: np.ndarray, x: np.ndarray,
+                      px_per_defocus: float | None) -> np.ndarray:
+    """`render_model_input`'s image of `photo` (uint8) with control.focus_detail applied, reading
+    the defocus map from the conditioned input x (its last channel); unchanged when
+    px_per_defocus is None (no focus map, or config.render.focus_detail off)."""
+    if px_per_defocus is None:
+        return image
+    height, width = image.shape[:2]
+    defocus = x[: max(1, height // 2), : max(1, width // 2), -1]
+    detailed = control.focus_detail(image, image_ops.to_float(photo[:height, :width]), defocus,
+                                    px_per_defocus)
+    return np.clip(detailed, 0.0, 1.0)
+
+
 def render_full_resolution(
     params: Any,
     photo: np.ndarray,

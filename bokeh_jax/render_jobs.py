@@ -253,6 +253,8 @@ def _render_job(
         params, x, out_hw, channels=meta['channels'], max_tile=cfg.max_tile,
         dtype=config.model.dtype, conv_impl=config.model.conv_impl
     )
+    if settings.condition == 'aperture_focus' and cfg.focus_detail:
+        image = render.with_focus_detail(image, photo, x, control.px_per_defocus(config, meta))
     seconds = time.perf_counter() - start
     try:
         image_io.save_image(job.output, image, jpeg_quality=cfg.jpeg_quality)

@@ -542,6 +542,9 @@ class App:
             self.params, x, out_hw, channels=int(self.meta['channels']),
             max_tile=config.render.max_tile, dtype=config.model.dtype,
             conv_impl=config.model.conv_impl, progress=progress)
+        if self.condition == 'aperture_focus' and config.render.focus_detail:
+            image = render.with_focus_detail(image, item.photo, x,
+                                             control.px_per_defocus(config, self.meta))
         self.compiled.add(x.shape)
         with self.lock:
             result.image, result.image_version = to_uint8(image), version

@@ -39,6 +39,7 @@ from bokeh_jax import control
 from bokeh_jax import image_io
 from bokeh_jax import image_ops
 from bokeh_jax import render
+from bokeh_jax import workdir as workdir_lib
 from bokeh_jax.errors import UserError
 
 # The out-of-focus region: pixels whose |disparity - focus| is in the top third.
@@ -189,8 +190,10 @@ def classical_renderer(strength_at_f2: float) -> Renderer:
     return run
 
 
-def model_renderer(workdir: str, max_tile: int = render.DEFAULT_MAX_TILE) -> Renderer:
-    """WORKDIR's level-1 conditioned PyNET, the control maps appended before tiling."""
+def model_renderer(workdir: str, max_tile: int = render.DEFAULT_MAX_TILE,
+                   focus_detail: bool = True) -> Renderer:
+    """WORKDIR's level-1 conditioned PyNET, the control maps appended before tiling; with
+    focus_detail, control.focus_detail at the blur scale of its meta or workdir config."""
     try:
         params, meta = checkpoint.load_params(workdir)
     except (FileNotFoundError, ValueError) as e:
@@ -209,7 +212,14 @@ def model_renderer(workdir: str, max_tile: int = render.DEFAULT_MAX_TILE) -> Ren
         x, out_hw = render.model_input(photo, depth if input_channels == 4 else None,
                                        input_channels=input_channels)
         x = control.append_condition(x[None], condition, fnumber, focus)[0]
-        return render.render_model_input(params, x, out_hw, channels=channels, max_tile=max_tile)
+        image = render.render_model_input(params, x, out_hw, channels=channels,
+                                          max_tile=max_tile)
+        return render.with_focus_detail(image, photo, x, scale)
+
+    saved = workdir_lib.read_config(workdir)
+    scale = (control.px_per_defocus(saved[0] if saved else {'model': {}, 'data': {'name': ''}},
+                                    meta) if focus_detail and condition == 'aperture_focus'
+             else None)
 
     return run
 
@@ -285,6 +295,8 @@ _FOCUS = flags.DEFINE_string('focus', None, 'X,Y: a pixel to focus on (of the ph
 _STRENGTH = flags.DEFINE_float('strength', classical.DEFAULT_STRENGTH,
                                'classical: blur strength at f/2 (config.data.synthetic.strength).')
 _MAX_SIDE = flags.DEFINE_integer('max_side', 0, 'Shrink photos to this longer side (0: as they are).')
+_FOCUS_DETAIL = flags.DEFINE_bool('focus_detail', True, 'model: config.render.focus_detail (the '
+                                  "photo's detail kept where the blur disc is under 1-2 px).")
 _MAX_TILE = flags.DEFINE_integer('max_tile', render.DEFAULT_MAX_TILE,
                                  'model: config.render.max_tile (0 = untiled).')
 
@@ -305,7 +317,9 @@ def run() -> bool:
     else:
         if not _WORKDIR.value:
             raise UserError('--renderer=model needs --workdir=RUN (or --renderer=classical)')
-        renderer, what = model_renderer(_WORKDIR.value, _MAX_TILE.value), f'model {_WORKDIR.value}'
+        renderer, what = model_renderer(_WORKDIR.value, _MAX_TILE.value,
+                                      _FOCUS_DETAIL.value), f'model {_WORKDIR.value}'
+        what += ', focus detail' if _FOCUS_DETAIL.value else ', network output only'
     print(f'Control sweep ({what}): blur measure = mean luminance gradient; out of focus = top '
           f'third of |disparity - focus|, in focus = bottom tenth', flush=True)
     passed = True

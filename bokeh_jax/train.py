@@ -56,6 +56,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from bokeh_jax import checkpoint as checkpoint_lib
+from bokeh_jax import control
 from bokeh_jax import image_ops
 from bokeh_jax import input_pipeline
 from bokeh_jax import losses
@@ -175,6 +176,13 @@ def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tu
     return params, f'random ({config.model.init} init)'
 
 
+def _blur_scale(config: ml_collections.ConfigDict) -> dict:
+    """{'blur_px_per_defocus': ...} for a model trained on synthetic pairs with a focus map: the
+    blur disc (output pixels) per unit of defocus it learns (control.focus_detail); else {}."""
+    scale = control.px_per_defocus(config, {})
+    return {} if scale is None else {'blur_px_per_defocus': scale}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        config_source: str = '',
                        prepare_data: Callable[[ml_collections.ConfigDict], None] | None = None
@@ -221,7 +229,8 @@ def _train_levels(config: ml_collections.ConfigDict, workdir: str, vgg_params: A
                               condition_method=config.model.condition_method),
         model_meta={'channels': config.model.channels, 'input_channels': input_channels,
                     'condition': config.model.condition,
-                    'condition_method': config.model.condition_method, 'source': 'train'},
+                    'condition_method': config.model.condition_method, 'source': 'train',
+                    **_blur_scale(config)},
         manager=checkpoints.checkpoint_manager(workdir, config),
         logger=writer_lib.Logger(workdir, jax.process_index() == 0),
         stop=multihost.StopRequest(),
@@ -556,7 +565,7 @@ def _validate(run: _Run, params: Any, level: int, global_step: int) -> dict:
     # Identity only: the classical renderer costs seconds per photo, too much at every level.
     tile = int(config.train.val_grid_tile)
     options = evaluate.Options.from_config(
-        config, level=level, baselines=('identity',),
+        config, run.model_meta, level=level, baselines=('identity',),
         grid_images=int(config.eval.grid_images) if tile else 0, grid_tile=tile)
     result = evaluate.evaluate_split(params, run.model_meta, config.data, config.data.eval_split,
                                      options)

@@ -208,6 +208,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # metric depth, where large values are far.
     config.render.depth_far_is_bright = False
     config.render.jpeg_quality = 95  # for .jpg/.jpeg outputs
+    # A model conditioned on aperture and focus: put the photo's detail above half resolution (which
+    # PyNET never sees) back where the blur disc is under 1-2 px (control.focus_detail). Render,
+    # the page, the sweep and eval all apply it; False = the network's output alone.
+    config.render.focus_detail = True
 
     # Depth for photos without a map (`--mode=depth`, `--mode=render` without --depth;
     # bokeh_jax/depth_maps.py), with weights imported by `--mode=import_depth`.

@@ -1,5 +1,7 @@
 """The control maps and the f-number to blur mapping of bokeh_jax.control."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,18 @@ def test_focus_disparity_at_reads_a_robust_median_around_the_point():
     assert control.focus_disparity_at(disparity, 30, 10) == pytest.approx(0.0)
     with pytest.raises(ValueError, match='outside'):
         control.focus_disparity_at(disparity, 30, 140)
+
+
+def test_focus_detail_restores_the_photo_in_focus_only():
+    from PIL import Image
+    from bokeh_jax import image_ops
+    photo = image_ops.to_float(np.asarray(
+        Image.open(pathlib.Path(__file__).parent / 'data' / 'photos' / 'chelsea.jpg'))[:128, :192])
+    half = np.clip(image_ops.resize(photo, (64, 96)), 0, 1)
+    smooth = image_ops.resize(half, (128, 192))  # all a half-resolution model could return
+    defocus = np.zeros((64, 96), np.float32)
+    defocus[:, 48:] = 0.5  # right half: a disc of 0.5 * 16 = 8 px
+    out = control.focus_detail(smooth, photo, defocus, px_per_defocus=16.0)
+    np.testing.assert_allclose(out[:, :90], photo[:, :90], atol=1e-5)  # in focus: the photo
+    np.testing.assert_array_equal(out[:, 100:], smooth[:, 100:])  # blurred: untouched
+    assert np.abs(smooth[:, :90] - photo[:, :90]).mean() > 0.005  # there was detail to restore
