@@ -115,3 +115,28 @@ def test_cpu_bfloat16_render_of_a_real_photo_is_within_50db_of_float32():
     # widely across photos and seeds (42-53 dB), the demo's trained ones stay above 55 dB
     # (docs/performance.md). < 120 dB: bfloat16 rounding really happened.
     assert 50 <= psnr < 120, psnr
+
+
+@_NEEDS_ONEDNN_BF16
+def test_launch_render_bfloat16_flag(tmp_path):
+    from PIL import Image
+
+    from bokeh_jax import checkpoint
+    from tests import helpers
+
+    params = _he_params(4)
+    checkpoint.save_params(str(tmp_path / 'work'), 1, params, {'channels': 4, 'input_channels': 4})
+    photo = np.asarray(Image.open(os.path.join(
+        os.path.dirname(__file__), 'data', 'photos', 'chelsea.jpg')).convert('RGB'))[:128, :192]
+    depth = np.broadcast_to(np.linspace(0, 255, 96, dtype=np.float32), (64, 96)).astype(np.uint8)
+    helpers.save_png(tmp_path / 'photo.png', photo)
+    helpers.save_png(tmp_path / 'depth.png', depth)
+    # The paper's config (conv_impl 'xla'): the flag switches the CPU's convolutions to oneDNN.
+    result = helpers.launch('--mode=render', f'--workdir={tmp_path}/work', '--bfloat16',
+                            f'--input={tmp_path}/photo.png', f'--depth={tmp_path}/depth.png',
+                            f'--output={tmp_path}/out.png')
+    assert '--bfloat16: bfloat16 convolutions in oneDNN' in result.stderr, result.stderr
+    rendered = np.asarray(Image.open(tmp_path / 'out.png'), np.float32) / 255
+    expected = render.render_full_resolution(params, photo, depth, conv_impl='onednn')
+    assert rendered.shape == expected.shape
+    assert 10 * np.log10(1 / np.mean((rendered - expected) ** 2)) > 40  # 8-bit file, bf16 render
