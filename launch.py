@@ -28,7 +28,7 @@ Modes:
             --input=PHOTO|FOLDER [--depth=MAP|FOLDER] --output=FILE|FOLDER [--overwrite]
             [--bfloat16] (config.render; depth: any resolution, near = bright). Without --depth,
             an RGB + depth model gets MegaDepth's estimate (needs import_depth first). --bfloat16:
-            bfloat16 convolutions (on CPU: oneDNN, ~0.2x float32's time; float32 where the CPU
+            bfloat16 convolutions (on CPU: oneDNN, 0.2-0.6x float32's time; float32 where the CPU
             lacks avx512_bf16/amx_bf16, with a line saying so)
   import_depth  import the released MegaDepth weights (--megadepth_weights=best_generalization_net_G.pth,
             read without PyTorch) to WORKDIR/depth/megadepth/
