@@ -114,13 +114,27 @@ def resolve_conv_impl(conv_impl: str) -> str:
 def compute_plan(dtype: Any, conv_impl: str) -> tuple[Any, str]:
     """(module dtype, conv_impl) that PyNET runs for its `dtype` and `conv_impl` attributes.
 
-    bfloat16 with oneDNN convolutions (CPU): the multi-blocks' convolutions take bfloat16 operands
-    with float32 sums ('onednn_bf16'); everything else stays float32 (XLA:CPU's own bfloat16
-    convolutions and norms are slower than float32). Otherwise both are used as they are.
+    bfloat16 with oneDNN convolutions (CPU): the multi-blocks' convolutions of levels 7..3 take
+    bfloat16 operands with float32 sums ('onednn_bf16'); everything else stays float32 (XLA:CPU's
+    own bfloat16 convolutions and norms are slower than float32), the encoder included: see
+    `encoder_conv_impl`. Otherwise both are used as they are.
     """
     if jnp.dtype(dtype) == jnp.bfloat16 and resolve_conv_impl(conv_impl) == 'onednn':
         return jnp.float32, 'onednn_bf16'
     return dtype, conv_impl
+
+
+def encoder_conv_impl(conv_impl: str) -> str:
+    """The encoder's convolutions for the model's planned `conv_impl`: float32 ('onednn') in
+    place of 'onednn_bf16', the same otherwise.
+
+    Rounding the encoder's activations to bfloat16 costs most of the bfloat16 render's accuracy:
+    its errors enter every level (e1..e4 are skipped into levels 3..7) and cross the most layers.
+    Against the float32 render of real photos, bfloat16 in the encoder alone gives 43-47 dB, in all
+    of levels 7..3 together 52-55 dB; the encoder is under 1% of the forward's FLOPs
+    (docs/performance.md).
+    """
+    return 'onednn' if conv_impl == 'onednn_bf16' else conv_impl
 
 
 class _ConvParams(nn.Module):
@@ -589,7 +603,8 @@ class PyNET(nn.Module):
         conditioning.check_method(self.condition_method)
         dtype, conv_impl = compute_plan(self.dtype, self.conv_impl)
         kw = dict(channels=self.channels, dtype=dtype, conv_impl=conv_impl)
-        self.encoder = Encoder(**kw, film=self._method == 'film')
+        self.encoder = Encoder(**{**kw, 'conv_impl': encoder_conv_impl(conv_impl)},
+                               film=self._method == 'film')
         self.level7, self.level6, self.level5 = Level7(**kw), Level6(**kw), Level5(**kw)
         self.level4, self.level3 = Level4(**kw), Level3(**kw)
         self.level2, self.level1 = Level2(dtype=dtype), Level1(dtype=dtype)
