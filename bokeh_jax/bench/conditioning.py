@@ -5,7 +5,9 @@
 Times the level-1 forward of the unconditioned PyNET and of each condition_method (random
 parameters, condition 'aperture_focus': both control maps) in one process, calls alternating
 (timing.time_interleaved), and prints each method's time and its ratio to the unconditioned
-model's (median of adjacent calls' ratios). The #22 goal is at most 1.03.
+model's (median of adjacent calls' ratios), and the ratios of XLA's counts of floating-point
+operations and bytes accessed, which no other process's load disturbs. The #22 goal is at most
+1.03.
 """
 
 from absl import app
@@ -33,7 +35,7 @@ def main(argv):
     rng = np.random.default_rng(0)
     photo = rng.random((1, h, w, 4), np.float32)
     x = control.append_condition(photo, _CONDITION.value, 2.8, 0.5)
-    calls = {}
+    calls, costs = {}, {}
     for method in ('none', *conditioning.METHODS):
         condition = 'none' if method == 'none' else _CONDITION.value
         model = model_lib.PyNET(_CHANNELS.value, dtype=jnp.dtype(_DTYPE.value),
@@ -42,6 +44,9 @@ def main(argv):
         params = jax.device_put(model_lib.init_params(model, jax.random.key(0), 4, scheme='he'))
         forward = jax.jit(lambda p, x, model=model: model.apply({'params': p}, x, level=1)[1])
         inputs = jax.device_put(photo if method == 'none' else x)
+        cost = forward.lower(params, inputs).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        costs[method] = (cost.get('flops', np.nan), cost.get('bytes accessed', np.nan))
         forward(params, inputs).block_until_ready()  # compile
         calls[method] = lambda f=forward, p=params, x=inputs: f(p, x).block_until_ready()
     times = timing.time_interleaved(calls, _REPEATS.value, warmup=1)
@@ -50,8 +55,10 @@ def main(argv):
           f'{jax.devices()[0].device_kind}; load average {timing.load_average()[0]:.1f}')
     for method, seconds in times.items():
         ratio = timing.paired_ratio(seconds, times['none'])
+        flops, moved = (a / b for a, b in zip(costs[method], costs['none']))
         print(f'  {method:7s} median {np.median(seconds):7.3f} s  vs none {ratio:.3f}  '
-              f'({", ".join(f"{t:.3f}" for t in seconds)})')
+              f'({", ".join(f"{t:.3f}" for t in seconds)}); XLA flops x{flops:.4f}, '
+              f'bytes accessed x{moved:.4f}')
 
 
 if __name__ == '__main__':
