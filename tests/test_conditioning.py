@@ -3,18 +3,24 @@ the unconditioned model inside it, growing released parameters, training, saving
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from bokeh_jax import checkpoint, conditioning, control, render, train
+from bokeh_jax import checkpoint, conditioning, control, onednn, render, train
 from bokeh_jax import model as model_lib
 from bokeh_jax.errors import UserError
 from bokeh_jax.training import config_checks, multihost
 from configs import default
 
 CHANNELS = 4
+try:
+    onednn.find_onednn()
+    _HAS_ONEDNN = True
+except onednn.OneDNNUnavailable:
+    _HAS_ONEDNN = False
 FNUMBERS = np.array([2.0, 8.0], np.float32)
 FOCUS = np.array([0.3, 0.7], np.float32)
 # (condition, method): every method, and 'film' also without a defocus map (no map enters e1).
@@ -184,3 +190,25 @@ def test_config_checks_name_the_condition_fields():
     bad.model.condition, bad.data.builder_config = 'aperture_focus', 'rgb'
     with pytest.raises(UserError, match="needs config.data.builder_config='rgbd'"):
         config_checks.validate_model_config(bad)
+
+
+@pytest.mark.skipif(not _HAS_ONEDNN, reason='oneDNN not installed (make onednn)')
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_onednn_and_bfloat16_read_the_control_maps_too(dtype):
+    """The joined [photo, maps] convolutions run through oneDNN (bf16 operands with bfloat16),
+    and compute what XLA's float32 does."""
+    condition, method = 'aperture_focus', 'levels'
+    params = model_lib.init_params(
+        model_lib.PyNET(CHANNELS, condition=condition, condition_method=method),
+        jax.random.key(3), 4, scheme='he')
+    x = control.append_condition(_photo(n=1), condition, 4.0, 0.5)
+    out = {}
+    for impl, dt in (('xla', 'float32'), ('onednn', dtype)):
+        model = model_lib.PyNET(CHANNELS, dtype=jnp.dtype(dt), conv_impl=impl,
+                                condition=condition, condition_method=method)
+        out[impl] = np.asarray(_forward(model)(params, x)[1])
+    if dtype == 'float32':
+        np.testing.assert_allclose(out['onednn'], out['xla'], atol=1e-4, rtol=0)
+    else:
+        psnr = 10 * np.log10(1 / np.mean((out['onednn'] - out['xla']) ** 2))
+        assert 35 < psnr < 120, psnr  # bfloat16 rounding, nothing worse
