@@ -134,7 +134,7 @@ class _Run:
     config: ml_collections.ConfigDict
     workdir: str
     model: model_lib.PyNET
-    model_meta: dict  # channels, input_channels, condition(_method), source: in every checkpoint
+    model_meta: dict  # channels, input_channels, condition(_method), residual, source
     manager: ocp.CheckpointManager
     logger: writer_lib.Logger
     stop: multihost.StopRequest
@@ -226,10 +226,12 @@ def _train_levels(config: ml_collections.ConfigDict, workdir: str, vgg_params: A
         model=model_lib.PyNET(config.model.channels, dtype=jnp.dtype(config.model.dtype),
                               conv_impl=config.model.conv_impl,
                               condition=config.model.condition,
-                              condition_method=config.model.condition_method),
+                              condition_method=config.model.condition_method,
+                              residual=config.model.residual),
         model_meta={'channels': config.model.channels, 'input_channels': input_channels,
                     'condition': config.model.condition,
-                    'condition_method': config.model.condition_method, 'source': 'train',
+                    'condition_method': config.model.condition_method,
+                    'residual': config.model.residual, 'source': 'train',
                     **_blur_scale(config)},
         manager=checkpoints.checkpoint_manager(workdir, config),
         logger=writer_lib.Logger(workdir, jax.process_index() == 0),
