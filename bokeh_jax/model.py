@@ -846,8 +846,12 @@ def init_params(
     inputs (all of them at small widths). Both: instance-norm scale 1 and shift 0.
     A conditioned model (model.condition): its control kernels are drawn like the layer's own,
     its FiLM heads are zero (FiLM starts as the identity) and its FiLM MLP gets He's init under
-    either scheme (std 0.01 would make the embedding vanish). input_channels counts the photo
-    (+ depth) channels only, 3 or 4; the control maps are added.
+    either scheme (std 0.01 would make the embedding vanish). A residual model (model.residual)
+    gets zero image heads (kernels and biases of every level's `head` and level 2's `logits`),
+    so that it starts as the identity: every level's image is the resized input (with He's init
+    the heads' logits are O(1), tanh(z)*0.58 of them a random image); all its other parameters
+    are those of the same model without `residual`. input_channels counts the photo (+ depth)
+    channels only, 3 or 4; the control maps are added.
     The shapes come from `model.init` traced abstractly; the values are drawn with numpy from
     `rng`, because compiling Flax's per-parameter threefry init for 440 tensors takes tens of
     seconds on CPU, far longer than the forward pass itself.
@@ -867,6 +871,12 @@ def init_params(
         return z
 
     def draw(path, leaf):
+        value = draw_paper(path, leaf)  # drawn anyway: the other parameters stay the same
+        if model.residual and path[-3].key in ('head', 'logits'):  # image heads: the identity
+            return np.zeros_like(value)
+        return value
+
+    def draw_paper(path, leaf):
         names = [k.key for k in path]
         if names[-2] == 'film':  # FiLM heads: zero, the identity
             return np.zeros(leaf.shape, np.float32)

@@ -170,7 +170,7 @@ def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tu
                 f"unconditioned model can start a conditioned one)")
         return params, source
     model = model_lib.PyNET(config.model.channels, condition=condition[0],
-                            condition_method=condition[1])
+                            condition_method=condition[1], residual=config.model.residual)
     params = model_lib.init_params(model, jax.random.key(config.seed), input_channels,
                                    scheme=config.model.init)
     return params, f'random ({config.model.init} init)'
