@@ -314,7 +314,9 @@ def resolve_config(mode: str, workdir: str) -> ml_collections.ConfigDict:
     saved = workdir_lib.read_config(workdir)
     if explicit:
         if saved is not None:
-            workdir_lib.check_same_model(workdir_lib.merge(given, saved[0]), given, workdir)
+            # A field the saved config lacks (written before it existed) has the paper's value.
+            workdir_lib.check_same_model(workdir_lib.merge(_paper_config(), saved[0]), given,
+                                         workdir)
         _SOURCE[0] = config_flags.get_config_filename(flags.FLAGS['config'])
         return given
     if saved is not None:

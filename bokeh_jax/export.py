@@ -321,6 +321,10 @@ def export(params: Any, meta: dict, output: str, *, formats: Sequence[str] = DEF
         raise ExportError(f'--mode=export handles unconditioned models only; these parameters are '
                           f'conditioned on {condition!r} (model.condition): render them with '
                           f'--mode=render or serve them with --mode=serve')
+    if meta.get('residual', False):
+        raise ExportError('--mode=export handles the paper\'s image heads only; these parameters '
+                          'are of a residual model (model.residual): render them with '
+                          '--mode=render or serve them with --mode=serve')
     output = os.path.abspath(output)
     problem = output_paths.output_problem(output, protected=protected, replaces_folder=True)
     if problem:

@@ -79,6 +79,35 @@ def image_head(z: jax.Array) -> jax.Array:
     return jnp.tanh(z) * 0.58 + 0.5
 
 
+def residual_head(z: jax.Array, base: jax.Array | None) -> jax.Array:
+    """A level's float32 image from its logits: `image_head(z)`, or with `base` (the model
+    input's RGB at the level's size, PyNET.residual) base + tanh(z)*0.58, the image head less its
+    0.5: zero logits give the input back."""
+    if base is None:
+        return image_head(z).astype(jnp.float32)
+    return base + (jnp.tanh(z) * 0.58).astype(jnp.float32)
+
+
+def area_downscale(x: jax.Array, factor: int) -> jax.Array:
+    """[N, H, W, C] -> [N, H/factor, W/factor, C]: the mean of each factor x factor block (the
+    antialiased resize by an integer factor)."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+
+
+def upscale2x(x: jax.Array) -> jax.Array:
+    """[N, H, W, C] -> [N, 2H, 2W, C], bicubic (Keys, a = -0.5), level 1's residual base.
+
+    Bicubic rather than linear: the model input is the photo downscaled x0.5 with an antialiased
+    bicubic (image_ops.make_model_input), and a bicubic upscale of it is the sharper estimate of
+    the photo that level 1 reproduces where nothing is blurred (against the photos of
+    tests/data/photos, 0.8-0.9 dB closer than a linear upscale). Each output reads inputs within
+    two pixels, far inside the tiles' halo (render.py).
+    """
+    n, h, w, c = x.shape
+    return jax.image.resize(x, (n, 2 * h, 2 * w, c), 'cubic')
+
+
 # Implementations of ConvLayer's convolution (`PyNET.conv_impl`, config.model.conv_impl).
 CONV_IMPLS = {
     'xla': jax.lax.conv_general_dilated,
@@ -397,9 +426,9 @@ class _Level(nn.Module):
     def mb(self, kmax: int, width: int, instance_norm: bool = True) -> MultiBlock:
         return MultiBlock(kmax, width, instance_norm, dtype=self.dtype, conv_impl=self.conv_impl)
 
-    def image(self, f: jax.Array) -> jax.Array:
-        """Side output: float32 image from the level's features."""
-        return image_head(self.head(f)).astype(jnp.float32)
+    def image(self, f: jax.Array, base: jax.Array | None = None) -> jax.Array:
+        """Side output: float32 image from the level's features (`residual_head`)."""
+        return residual_head(self.head(f), base)
 
     def ups(self, f: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The two separate transposed convs that feed the next finer level."""
@@ -564,8 +593,10 @@ class Level1(nn.Module):
         self.up = Upsample(3, dtype=self.dtype)
         self.head = Head(dtype=self.dtype)
 
-    def __call__(self, z2: jax.Array, control: jax.Array | None = None) -> jax.Array:
-        return image_head(self.head(self.up(z2, control))).astype(jnp.float32)
+    def __call__(self, z2: jax.Array, control: jax.Array | None = None,
+                 base: jax.Array | None = None) -> jax.Array:
+        """base: PyNET.residual's level-1 base image (`residual_head`), else None."""
+        return residual_head(self.head(self.up(z2, control)), base)
 
 
 class PyNET(nn.Module):
@@ -582,6 +613,10 @@ class PyNET(nn.Module):
         'aperture_focus': the input carries that many control maps after its photo channels.
       condition_method: how the maps are read, conditioning.METHODS ('input', 'levels', 'film';
         see bokeh_jax/conditioning.py); ignored when condition is 'none'.
+      residual: False (the paper): every level's image is image_head(z) of its logits z. True (a
+        deviation, config.model.residual): it is the model input's RGB resized to the level's
+        size plus tanh(z)*0.58, so zero logits reproduce the input and the network learns only
+        the change (`residual_base`). The same parameters either way.
 
     Call with x float32 [N, H, W, C + k] in [0, 1], C = 4 (RGB + depth, the paper) or 3 (RGB
     only), k = control.condition_channels(condition) control maps (control.append_condition), H
@@ -596,6 +631,7 @@ class PyNET(nn.Module):
     conv_impl: str = 'xla'
     condition: str = 'none'
     condition_method: str = 'input'
+    residual: bool = False
 
     def setup(self):
         check_conv_impl(self.conv_impl)
@@ -630,12 +666,16 @@ class PyNET(nn.Module):
         """Encoder and the instance-norm levels 7..max(stop_at, 4), which need the whole image.
 
         Returns ({level: image}, (e1, u4a, u4b)); the second item, the input of the fine levels, is
-        only computed when stop_at <= 3 (else empty). A conditioned model adds a fourth skip, its
-        control maps space-to-depth'ed to level 3's grid ([N, H/2, W/2, 4k]), which tiles like e1.
+        only computed when stop_at <= 3 (else empty). A conditioned model adds a skip, its control
+        maps space-to-depth'ed to level 3's grid ([N, H/2, W/2, 4k]), which tiles like e1; a
+        residual model then one more, the input's RGB space-to-depth'ed likewise ([N, H/2, W/2,
+        12]): the base images of levels 3..1.
         """
         check_input(x, self.condition)
         dtype = compute_plan(self.dtype, self.conv_impl)[0]
         film, control, extra = None, {}, ()
+        rgb = x[..., :3].astype(jnp.float32)
+        base = functools.partial(residual_base, rgb) if self.residual else lambda level: None
         if self._method is None:
             e1, e2, e3, e4 = self.encoder(x.astype(dtype))
         else:
@@ -654,24 +694,32 @@ class PyNET(nn.Module):
             e1, e2, e3, e4 = self.encoder(x.astype(dtype), e1_maps, film)
         outputs = {}
         f = self.level7(e4, control.get(7), film)
-        outputs[7] = self.level7.image(f)
+        outputs[7] = self.level7.image(f, base(7))
         for lvl, module, skip in ((6, self.level6, e4), (5, self.level5, e3), (4, self.level4, e2)):
             if stop_at > lvl:
                 return outputs, ()
             f = module(skip, *getattr(self, f'level{lvl + 1}').ups(f), control.get(lvl), film)
-            outputs[lvl] = module.image(f)
+            outputs[lvl] = module.image(f, base(lvl))
         if stop_at > 3:
             return outputs, ()
+        if self.residual:
+            extra = (*extra, space_to_depth(rgb))
         return outputs, (e1, *self.level4.ups(f), *extra)
 
     def fine(
-        self, e1: jax.Array, u4a: jax.Array, u4b: jax.Array, maps: jax.Array | None = None,
-        stop_at: int = 1
+        self, e1: jax.Array, u4a: jax.Array, u4b: jax.Array, *extra: jax.Array, stop_at: int = 1
     ) -> dict[int, jax.Array]:
         """Levels 3..stop_at from level 3's inputs; no instance norm, so it can run on tiles.
 
-        maps: a conditioned model's fourth skip (`coarse`), cropped like the others.
+        extra: `coarse`'s further skips, cropped like the others: a conditioned model's control
+        maps, then a residual model's RGB base.
         """
+        maps = extra[0] if self._method is not None else None
+        bases = {3: None, 2: None, 1: None}
+        if self.residual:
+            bases[2] = conditioning.depth_to_space(extra[-1], 3)
+            bases[3] = conditioning.mean_of_quads(extra[-1], 3)
+            bases[1] = upscale2x(bases[2]) if stop_at == 1 else None
         film, control, control1 = None, None, None
         if self._method == 'film':
             film = self.encoder.embed(maps[:, 0, 0, 0].astype(jnp.float32))  # s: channel 0
@@ -680,13 +728,22 @@ class PyNET(nn.Module):
             control = conditioning.mean_of_quads(maps, k)
             control1 = conditioning.depth_to_space(maps, k)
         f3 = self.level3(e1, u4a, u4b, control, film)
-        outputs = {3: self.level3.image(f3)}
+        outputs = {3: self.level3.image(f3, bases[3])}
         if stop_at <= 2:
             z2 = self.level2(f3, control)
-            outputs[2] = image_head(z2).astype(jnp.float32)
+            outputs[2] = residual_head(z2, bases[2])
             if stop_at == 1:
-                outputs[1] = self.level1(z2, control1)
+                outputs[1] = self.level1(z2, control1, bases[1])
         return outputs
+
+
+def residual_base(rgb: jax.Array, level: int) -> jax.Array:
+    """PyNET.residual's base image of `level` from the input's RGB [N, H, W, 3]: the RGB resized
+    to the level's output size (level_output_scale), by area averaging for levels 3..7 and
+    `upscale2x` for level 1."""
+    if level == 1:
+        return upscale2x(rgb)
+    return rgb if level == 2 else area_downscale(rgb, 2 ** (level - 2))
 
 
 def check_input(x: Any, condition: str = 'none') -> None:
@@ -789,8 +846,12 @@ def init_params(
     inputs (all of them at small widths). Both: instance-norm scale 1 and shift 0.
     A conditioned model (model.condition): its control kernels are drawn like the layer's own,
     its FiLM heads are zero (FiLM starts as the identity) and its FiLM MLP gets He's init under
-    either scheme (std 0.01 would make the embedding vanish). input_channels counts the photo
-    (+ depth) channels only, 3 or 4; the control maps are added.
+    either scheme (std 0.01 would make the embedding vanish). A residual model (model.residual)
+    gets zero image heads (kernels and biases of every level's `head` and level 2's `logits`),
+    so that it starts as the identity: every level's image is the resized input (with He's init
+    the heads' logits are O(1), tanh(z)*0.58 of them a random image); all its other parameters
+    are those of the same model without `residual`. input_channels counts the photo (+ depth)
+    channels only, 3 or 4; the control maps are added.
     The shapes come from `model.init` traced abstractly; the values are drawn with numpy from
     `rng`, because compiling Flax's per-parameter threefry init for 440 tensors takes tens of
     seconds on CPU, far longer than the forward pass itself.
@@ -810,6 +871,12 @@ def init_params(
         return z
 
     def draw(path, leaf):
+        value = draw_paper(path, leaf)  # drawn anyway: the other parameters stay the same
+        if model.residual and path[-3].key in ('head', 'logits'):  # image heads: the identity
+            return np.zeros_like(value)
+        return value
+
+    def draw_paper(path, leaf):
         names = [k.key for k in path]
         if names[-2] == 'film':  # FiLM heads: zero, the identity
             return np.zeros(leaf.shape, np.float32)

@@ -217,11 +217,13 @@ def control_input(
 
 @functools.cache
 def _functions(channels: int, dtype: str, conv_impl: str, condition: tuple[str, str] = (
-        'none', 'input')) -> tuple[Callable, Callable, Callable]:
+        'none', 'input'), residual: bool = False) -> tuple[Callable, Callable, Callable]:
     """Jitted (whole, coarse, fine_tile) for PyNET(channels, dtype, conv_impl, condition,
-    condition_method); cached so they compile once per shape for the life of the process."""
+    condition_method, residual); cached so they compile once per shape for the life of the
+    process."""
     model = model_lib.PyNET(channels, dtype=jnp.dtype(dtype), conv_impl=conv_impl,
-                            condition=condition[0], condition_method=condition[1])
+                            condition=condition[0], condition_method=condition[1],
+                            residual=residual)
 
     @jax.jit
     def whole(params, x):
@@ -235,7 +237,8 @@ def _functions(channels: int, dtype: str, conv_impl: str, condition: tuple[str, 
     @functools.partial(jax.jit, static_argnames='size')
     def fine_tile(params, skips, origin, size):
         # The crop origin is traced, so all tiles of an image share one compilation. skips: e1,
-        # u4a, u4b (and a conditioned model's control maps), all on level 3's grid.
+        # u4a, u4b (and a conditioned model's control maps, a residual model's RGB base), all on
+        # level 3's grid.
         crops = [
             jax.lax.dynamic_slice(f, (0, origin[0], origin[1], 0), (1, *size, f.shape[-1]))
             for f in skips
@@ -305,6 +308,7 @@ def render_model_input(
     max_tile: int,
     dtype: str = 'float32',
     conv_impl: str = 'xla',
+    residual: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Level-1 output for a padded model input, cropped to out_hw: float32 [*out_hw, 3] in [0, 1].
@@ -315,12 +319,13 @@ def render_model_input(
       max_tile: 0 runs levels 1-3 in one pass; otherwise the largest side, in model-input pixels
         and halo included, of the crops they run on (memory of the fine levels ~ max_tile**2).
       dtype, conv_impl: the model's computation dtype and convolutions (PyNET's attributes).
+      residual: PyNET.residual, as the parameters were trained (meta.get('residual', False)).
       progress: called as progress(done, total) after the global pass and after each tile
         (total = 1 + tiles; untiled: once, (1, 1)), e.g. for a progress bar of a long render.
     """
     _check_max_tile(max_tile)
     whole, coarse, fine_tile = _functions(channels, str(jnp.dtype(dtype)), conv_impl,
-                                          model_lib.condition_of(params))
+                                          model_lib.condition_of(params), residual)
     params = jax.device_put(params)  # no copy when already on the device
     if max_tile == 0:
         out = np.asarray(whole(params, x[None]))[0, : out_hw[0], : out_hw[1]]
@@ -378,6 +383,7 @@ def render_full_resolution(
     depth_far_is_bright: bool = False,
     dtype: str = 'float32',
     conv_impl: str = 'xla',
+    residual: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Renders the bokeh version of a whole photo with level-1 PyNET parameters.
@@ -392,6 +398,7 @@ def render_full_resolution(
       pad_mode, depth_far_is_bright: see `model_input`.
       dtype: computation dtype.
       conv_impl: what runs the convolutions, 'xla' or 'onednn' (PyNET.conv_impl).
+      residual: see `render_model_input`.
       progress: see `render_model_input`.
 
     Returns:
@@ -409,4 +416,4 @@ def render_full_resolution(
         depth_far_is_bright=depth_far_is_bright,
     )
     return render_model_input(params, x, out_hw, channels=channels, max_tile=max_tile, dtype=dtype,
-                              conv_impl=conv_impl, progress=progress)
+                              conv_impl=conv_impl, residual=residual, progress=progress)

@@ -251,7 +251,8 @@ def _render_job(
             note += f', focus {where} (disparity {focus_disparity:.3f})'
     image = render.render_model_input(
         params, x, out_hw, channels=meta['channels'], max_tile=cfg.max_tile,
-        dtype=config.model.dtype, conv_impl=config.model.conv_impl
+        dtype=config.model.dtype, conv_impl=config.model.conv_impl,
+        residual=meta.get('residual', False)
     )
     if settings.condition == 'aperture_focus' and cfg.focus_detail:
         image = render.with_focus_detail(image, photo, x, control.px_per_defocus(config, meta))

@@ -541,7 +541,8 @@ class App:
         image = render.render_model_input(
             self.params, x, out_hw, channels=int(self.meta['channels']),
             max_tile=config.render.max_tile, dtype=config.model.dtype,
-            conv_impl=config.model.conv_impl, progress=progress)
+            conv_impl=config.model.conv_impl, residual=bool(self.meta.get('residual', False)),
+            progress=progress)
         if self.condition == 'aperture_focus' and config.render.focus_detail:
             image = render.with_focus_detail(image, item.photo, x,
                                              control.px_per_defocus(config, self.meta))

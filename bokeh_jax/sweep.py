@@ -207,13 +207,14 @@ def model_renderer(workdir: str, max_tile: int = render.DEFAULT_MAX_TILE,
                         'f-number); sweep a model trained with model.condition, or the classical '
                         'renderer (--renderer=classical)')
     channels, input_channels = int(meta['channels']), int(meta['input_channels'])
+    residual = bool(meta.get('residual', False))
 
     def run(photo, depth, fnumber, focus):
         x, out_hw = render.model_input(photo, depth if input_channels == 4 else None,
                                        input_channels=input_channels)
         x = control.append_condition(x[None], condition, fnumber, focus)[0]
         image = render.render_model_input(params, x, out_hw, channels=channels,
-                                          max_tile=max_tile)
+                                          max_tile=max_tile, residual=residual)
         return render.with_focus_detail(image, photo, x, scale)
 
     saved = workdir_lib.read_config(workdir)

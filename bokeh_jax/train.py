@@ -134,7 +134,7 @@ class _Run:
     config: ml_collections.ConfigDict
     workdir: str
     model: model_lib.PyNET
-    model_meta: dict  # channels, input_channels, condition(_method), source: in every checkpoint
+    model_meta: dict  # channels, input_channels, condition(_method), residual, source
     manager: ocp.CheckpointManager
     logger: writer_lib.Logger
     stop: multihost.StopRequest
@@ -170,7 +170,7 @@ def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tu
                 f"unconditioned model can start a conditioned one)")
         return params, source
     model = model_lib.PyNET(config.model.channels, condition=condition[0],
-                            condition_method=condition[1])
+                            condition_method=condition[1], residual=config.model.residual)
     params = model_lib.init_params(model, jax.random.key(config.seed), input_channels,
                                    scheme=config.model.init)
     return params, f'random ({config.model.init} init)'
@@ -226,10 +226,12 @@ def _train_levels(config: ml_collections.ConfigDict, workdir: str, vgg_params: A
         model=model_lib.PyNET(config.model.channels, dtype=jnp.dtype(config.model.dtype),
                               conv_impl=config.model.conv_impl,
                               condition=config.model.condition,
-                              condition_method=config.model.condition_method),
+                              condition_method=config.model.condition_method,
+                              residual=config.model.residual),
         model_meta={'channels': config.model.channels, 'input_channels': input_channels,
                     'condition': config.model.condition,
-                    'condition_method': config.model.condition_method, 'source': 'train',
+                    'condition_method': config.model.condition_method,
+                    'residual': config.model.residual, 'source': 'train',
                     **_blur_scale(config)},
         manager=checkpoints.checkpoint_manager(workdir, config),
         logger=writer_lib.Logger(workdir, jax.process_index() == 0),

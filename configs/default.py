@@ -90,6 +90,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (a per-block scale and shift from an MLP on Fourier features of s; the defocus map as an
     # input channel). Ignored when condition is 'none'.
     config.model.condition_method = 'input'
+    # False: every level's image is tanh(z)*0.58 + 0.5 of its logits z (the paper). True (a
+    # deviation): the model input's RGB resized to the level's size + tanh(z)*0.58, so the
+    # network starts at the identity and learns only the change (PyNET.residual). Same
+    # parameters; a trained workdir keeps its value.
+    config.model.residual = False
 
     config.data = ml_collections.ConfigDict()
     # TFDS builder: 'ebb' (manual download), 'synthetic_bokeh' or 'realbokeh' (manual download;
@@ -342,6 +347,7 @@ def _control(config: ml_collections.ConfigDict) -> None:
     """The demo, conditioned on aperture and focus (module docstring)."""
     _demo(config)
     config.model.condition = 'aperture_focus'  # s = 2/N and the signed defocus map
+    config.model.residual = True  # near f/16 the target is almost the input
     config.data.synthetic.fnumbers = control.FULL_STOPS
     config.data.synthetic.focus = 'random'
     config.data.synthetic.num_validation = 70  # about 10 scenes per f-number

@@ -139,6 +139,9 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
     _check_choice(condition, control.CONDITIONS, 'config.model.condition')
     _check_choice(config.model.condition_method, conditioning.METHODS,
                   'config.model.condition_method')
+    if not isinstance(config.model.residual, bool):
+        raise UserError(f'config.model.residual must be True or False, got '
+                        f'{config.model.residual!r}')
     if condition == 'aperture_focus' and config.data.builder_config != 'rgbd':
         raise UserError("config.model.condition='aperture_focus' reads the focus from the depth "
                         "map: it needs config.data.builder_config='rgbd', got "

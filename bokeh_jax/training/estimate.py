@@ -80,7 +80,8 @@ def estimate(config: ml_collections.ConfigDict, repeats: int = 3, step_budget_s:
     condition = dict(condition=config.model.condition,
                      condition_method=config.model.condition_method)
     model = model_lib.PyNET(config.model.channels, dtype=jnp.dtype(config.model.dtype),
-                            conv_impl=config.model.conv_impl, **condition)
+                            conv_impl=config.model.conv_impl, residual=config.model.residual,
+                            **condition)
     params = model_lib.init_params(model_lib.PyNET(config.model.channels, **condition),
                                    jax.random.key(0), channels)
     channels += control.condition_channels(config.model.condition)  # the batches' input
