@@ -316,6 +316,12 @@ def export(params: Any, meta: dict, output: str, *, formats: Sequence[str] = DEF
     """
     formats = parse_formats(formats)
     size = check_size(size)
+    output = os.path.abspath(output)
+    problem = output_paths.output_problem(output, protected=protected, replaces_folder=True)
+    if problem:
+        raise ExportError(f'--output: {problem}')
+    if os.path.exists(output) and not overwrite:
+        raise ExportError(f'--output {output!r} already exists; pass --overwrite to replace it')
     condition = model_lib.condition_of(params)[0]
     if condition != 'none':
         raise ExportError(f'--mode=export handles unconditioned models only; these parameters are '
@@ -325,12 +331,6 @@ def export(params: Any, meta: dict, output: str, *, formats: Sequence[str] = DEF
         raise ExportError('--mode=export handles the paper\'s image heads only; these parameters '
                           'are of a residual model (model.residual): render them with '
                           '--mode=render or serve them with --mode=serve')
-    output = os.path.abspath(output)
-    problem = output_paths.output_problem(output, protected=protected, replaces_folder=True)
-    if problem:
-        raise ExportError(f'--output: {problem}')
-    if os.path.exists(output) and not overwrite:
-        raise ExportError(f'--output {output!r} already exists; pass --overwrite to replace it')
     channels, input_channels = int(meta['channels']), int(meta['input_channels'])
     params = jax.tree.map(np.asarray, params)
     partial = output + '.partial'

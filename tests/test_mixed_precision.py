@@ -60,10 +60,13 @@ def test_bfloat16_convolutions_with_float32_state_and_losses(config):
         assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
     _, fp32 = _train(config, 'float32')
     assert np.all(np.isfinite(bf16))
-    # Both fall, and by about as much (the curves differ by bfloat16 rounding only).
+    # The same function up to rounding at the start; both fall, by a like amount. Twenty steps at
+    # a high rate amplify rounding, so later losses only agree within a factor (with jax 0.10.2
+    # bfloat16 ended 26% lower than float32; with earlier versions within 10%).
+    assert abs(bf16[0] - fp32[0]) < 0.02 * fp32[0], (bf16, fp32)
     for losses in (bf16, fp32):
-        assert losses[-5:].mean() < 0.8 * losses[:3].mean(), losses
-    assert abs(bf16[-5:].mean() - fp32[-5:].mean()) < 0.1 * fp32[-5:].mean(), (bf16, fp32)
+        assert losses[-5:].mean() < 0.5 * losses[:3].mean(), losses
+    assert 0.5 < bf16[-5:].mean() / fp32[-5:].mean() < 2.0, (bf16, fp32)
 
 
 # ----------------------------------------------------------------------------- CPU rendering
