@@ -19,7 +19,7 @@ two (config.render.focus_detail; a deviation from the paper, for conditioned mod
 
 import numpy as np
 
-from bokeh_jax import image_ops
+from bokeh_jax import classical, image_ops
 
 CONDITIONS = ('none', 'aperture', 'aperture_focus')
 REFERENCE_FNUMBER = 2.0  # s = 1 here
@@ -121,6 +121,29 @@ def focus_disparity_at(disparity: np.ndarray, row: float, col: float,
     return float(np.median(window))
 
 
+def focal_disparity(disparity: np.ndarray, point: tuple[float, float] | None = None,
+                    radius: float = 0.02) -> float:
+    """The disparity a render focuses on: `classical.auto_focus` (the middle of the frame) when
+    `point` is None, else `focus_disparity_at` around point = (row, col), pixels of the map,
+    clamped to it (a photo pixel scaled to a smaller map may fall on its last row or column)."""
+    disparity = np.asarray(disparity, np.float32)
+    if disparity.ndim == 3:
+        disparity = disparity[..., 0]
+    if point is None:
+        return classical.auto_focus(disparity)
+    row, col = point
+    height, width = disparity.shape
+    return focus_disparity_at(disparity, min(row, height - 1), min(col, width - 1), radius)
+
+
+def check_focus_point(point: tuple[float, float], photo_hw: tuple[int, int]) -> None:
+    """Raises ValueError unless `point` (x, y), as --focus gives it, is a pixel of the photo."""
+    (col, row), (height, width) = point, photo_hw
+    if not (0 <= col < width and 0 <= row < height):
+        raise ValueError(f'--focus={col:g},{row:g} lies outside the {width}x{height} photo '
+                         '(X from 0 to width - 1, Y from 0 to height - 1)')
+
+
 def parse_focus(text: str) -> tuple[float, float]:
     """'X,Y' (pixels of the photo, x to the right, y down) as (x, y) floats."""
     parts = text.split(',')
@@ -130,7 +153,6 @@ def parse_focus(text: str) -> tuple[float, float]:
         raise ValueError(f'--focus must be X,Y (a pixel of the photo, e.g. 640,360); got '
                          f'{text!r}') from None
     return x, y
-
 
 
 # focus_detail: the photo's lost detail is kept in full where the blur disc is at most

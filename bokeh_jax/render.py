@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bokeh_jax import classical
 from bokeh_jax import control
 from bokeh_jax import image_ops
 from bokeh_jax import model as model_lib
@@ -197,15 +196,10 @@ def control_input(
     # The photo's half-resolution part of x (less in pad_mode 'crop', which cuts the photo).
     shown = (min(x.shape[0], -(-height // 2)), min(x.shape[1], -(-width // 2)))
     disparity = x[: shown[0], : shown[1], 3]
-    if focus is None:
-        focus_disparity = classical.auto_focus(disparity)
-    else:
-        col, row = focus
-        if not (0 <= col < width and 0 <= row < height):
-            raise ValueError(f'--focus={col:g},{row:g} lies outside the {width}x{height} photo '
-                             '(X from 0 to width - 1, Y from 0 to height - 1)')
-        focus_disparity = control.focus_disparity_at(
-            disparity, min(row / 2, shown[0] - 1), min(col / 2, shown[1] - 1))
+    if focus is not None:
+        control.check_focus_point(focus, photo_hw)
+    focus_disparity = control.focal_disparity(
+        disparity, None if focus is None else (focus[1] / 2, focus[0] / 2))
     return (control.append_condition(x[None], condition, fnumber, focus_disparity)[0],
             focus_disparity)
 
@@ -217,7 +211,7 @@ def control_input(
 
 @functools.cache
 def _functions(channels: int, dtype: str, conv_impl: str, condition: tuple[str, str] = (
-        'none', 'input'), residual: bool = False) -> tuple[Callable, Callable, Callable]:
+        'none', 'input'), residual: bool | str = False) -> tuple[Callable, Callable, Callable]:
     """Jitted (whole, coarse, fine_tile) for PyNET(channels, dtype, conv_impl, condition,
     condition_method, residual); cached so they compile once per shape for the life of the
     process."""
@@ -308,7 +302,7 @@ def render_model_input(
     max_tile: int,
     dtype: str = 'float32',
     conv_impl: str = 'xla',
-    residual: bool = False,
+    residual: bool | str = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Level-1 output for a padded model input, cropped to out_hw: float32 [*out_hw, 3] in [0, 1].
@@ -383,7 +377,7 @@ def render_full_resolution(
     depth_far_is_bright: bool = False,
     dtype: str = 'float32',
     conv_impl: str = 'xla',
-    residual: bool = False,
+    residual: bool | str = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Renders the bokeh version of a whole photo with level-1 PyNET parameters.

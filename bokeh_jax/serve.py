@@ -192,14 +192,13 @@ def decode_depth(data: bytes, name: str, photo_hw: tuple[int, int], max_pixels: 
     return depth
 
 
-def focus_at(depth: np.ndarray, x: float, y: float) -> float:
-    """Disparity in [0, 1] around the point (x, y) (fractions of width and height) of a uint8
-    near = bright depth map: the median over a small window, for `classical.render_bokeh`."""
+def focus_at(depth: np.ndarray, x: float | None = None, y: float | None = None) -> float:
+    """The focal disparity in [0, 1] of a uint8 near = bright depth map: around the point (x, y),
+    fractions of width and height (the median over a small window), or auto focus without one."""
     h, w = depth.shape
-    r = max(1, round(FOCUS_WINDOW * max(h, w)))
-    row, col = min(int(y * h), h - 1), min(int(x * w), w - 1)
-    window = depth[max(row - r, 0):row + r + 1, max(col - r, 0):col + r + 1]
-    return float(np.median(window)) / 255
+    disparity = depth.astype(np.float32) / 255
+    return control.focal_disparity(
+        disparity, None if x is None else (int(y * h), int(x * w)), radius=FOCUS_WINDOW)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,8 +395,7 @@ class App:
             if item.depth is None:
                 raise UserError('the classical render needs a depth map, which this photo does '
                                 'not have (yet)', status=409)
-            focus = (classical.auto_focus(item.depth.astype(np.float32) / 255) if x is None
-                     else focus_at(item.depth, x, y))
+            focus = focus_at(item.depth, x, y)
             result = item.classical
             result.version += 1
             result.state, result.stage, result.message = 'queued', '', ''
@@ -436,9 +434,7 @@ class App:
         auto focus, read from the depth map shown (the model's depth channel, at half size)."""
         if self.condition != 'aperture_focus':
             return None
-        if point is None:
-            return classical.auto_focus(item.depth.astype(np.float32) / 255)
-        return focus_at(item.depth, *point)
+        return focus_at(item.depth, *(point or ()))
 
     def image(self, item: Session, what: str) -> tuple[np.ndarray, bool]:
         """(uint8 image, keeps EXIF) of `what`; the depth map is shown at the photo's size."""
@@ -541,7 +537,7 @@ class App:
         image = render.render_model_input(
             self.params, x, out_hw, channels=int(self.meta['channels']),
             max_tile=config.render.max_tile, dtype=config.model.dtype,
-            conv_impl=config.model.conv_impl, residual=bool(self.meta.get('residual', False)),
+            conv_impl=config.model.conv_impl, residual=self.meta.get('residual', False),
             progress=progress)
         if self.condition == 'aperture_focus' and config.render.focus_detail:
             image = render.with_focus_detail(image, item.photo, x,

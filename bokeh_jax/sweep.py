@@ -152,14 +152,13 @@ def sweep_photo(renderer: Renderer, name: str, photo: np.ndarray, depth: np.ndar
     """
     height, width = photo.shape[:2]
     disparity = classical.disparity_from_depth(depth, (height, width))
-    if focus_point is None:
-        focus = classical.auto_focus(disparity)
-    else:
-        col, row = focus_point
-        if not (0 <= col < width and 0 <= row < height):
-            raise UserError(f'--focus={col:g},{row:g} lies outside the {width}x{height} photo '
-                            f'{name}')
-        focus = control.focus_disparity_at(disparity, row, col)
+    if focus_point is not None:
+        try:
+            control.check_focus_point(focus_point, (height, width))
+        except ValueError as e:
+            raise UserError(f'{name}: {e}') from None
+    focus = control.focal_disparity(
+        disparity, None if focus_point is None else focus_point[::-1])
     in_focus, out_of_focus = regions(disparity, focus)
     original = image_ops.to_float(photo)
     resampled = np.clip(image_ops.resize(
@@ -207,7 +206,7 @@ def model_renderer(workdir: str, max_tile: int = render.DEFAULT_MAX_TILE,
                         'f-number); sweep a model trained with model.condition, or the classical '
                         'renderer (--renderer=classical)')
     channels, input_channels = int(meta['channels']), int(meta['input_channels'])
-    residual = bool(meta.get('residual', False))
+    residual = meta.get('residual', False)
 
     def run(photo, depth, fnumber, focus):
         x, out_hw = render.model_input(photo, depth if input_channels == 4 else None,

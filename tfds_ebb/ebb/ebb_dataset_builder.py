@@ -342,7 +342,27 @@ class CheckedManualFolder:
                 f'tfds_ebb/build.py, or bump the builder VERSION); it is not reused silently')
 
 
-class Builder(CheckedManualFolder, tfds.core.GeneratorBasedBuilder):
+class RgbdConfigs:
+    """Mixin of builders of photo pairs with configs 'rgbd' (with a depth map) and 'rgb': their
+    DatasetInfo from the class's DESCRIPTION, HOMEPAGE, CITATION and `feature_spec`. Examples keep
+    the order the builder yields them in (evaluation reads images in order)."""
+
+    DESCRIPTION = HOMEPAGE = CITATION = ''
+
+    @property
+    def with_depth(self) -> bool:
+        return self.builder_config.name == 'rgbd'
+
+    def feature_spec(self) -> tfds.features.FeaturesDict:
+        raise NotImplementedError
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=self.DESCRIPTION, features=self.feature_spec(), homepage=self.HOMEPAGE,
+            citation=self.CITATION, disable_shuffling=True, metadata=tfds.core.MetadataDict())
+
+
+class Builder(RgbdConfigs, CheckedManualFolder, tfds.core.GeneratorBasedBuilder):
     """EBB! from a manually downloaded folder (see MANUAL_DOWNLOAD_INSTRUCTIONS)."""
 
     VERSION = tfds.core.Version('1.0.0')
@@ -355,6 +375,8 @@ class Builder(CheckedManualFolder, tfds.core.GeneratorBasedBuilder):
     ]
     DEFAULT_BUILDER_CONFIG_NAME = 'rgbd'
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+    DESCRIPTION, CITATION = _DESCRIPTION, _CITATION
+    HOMEPAGE = 'https://people.ee.ethz.ch/~ihnatova/pynet-bokeh.html'
 
     def __init__(self, *, depth_dir: str = '', skip_bad: bool = False, **kwargs):
         """Builder arguments besides TFDS's own (`config`, `data_dir`, `file_format`, ...).
@@ -368,19 +390,8 @@ class Builder(CheckedManualFolder, tfds.core.GeneratorBasedBuilder):
         self.skip_bad = skip_bad
         super().__init__(**kwargs)
 
-    @property
-    def with_depth(self) -> bool:
-        return self.builder_config.name == 'rgbd'
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=_DESCRIPTION,
-            features=feature_spec(self.with_depth),
-            homepage='https://people.ee.ethz.ch/~ihnatova/pynet-bokeh.html',
-            citation=_CITATION,
-            disable_shuffling=True,  # keep id order: evaluation reads images in order
-            metadata=tfds.core.MetadataDict(),
-        )
+    def feature_spec(self) -> tfds.features.FeaturesDict:
+        return feature_spec(self.with_depth)
 
     def fingerprint(self, manual_dir: epath.Path) -> dict[str, list[int]]:
         return manual_files(manual_dir, self.depth_dir, self.with_depth)

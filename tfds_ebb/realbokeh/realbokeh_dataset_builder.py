@@ -300,7 +300,7 @@ def _png(depth: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class Builder(ebb.CheckedManualFolder, tfds.core.GeneratorBasedBuilder):
+class Builder(ebb.RgbdConfigs, ebb.CheckedManualFolder, tfds.core.GeneratorBasedBuilder):
     """RealBokeh from a manually downloaded folder (see MANUAL_DOWNLOAD_INSTRUCTIONS)."""
 
     VERSION = tfds.core.Version('1.0.0')
@@ -312,6 +312,8 @@ class Builder(ebb.CheckedManualFolder, tfds.core.GeneratorBasedBuilder):
     ]
     DEFAULT_BUILDER_CONFIG_NAME = 'rgbd'
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+    DESCRIPTION, CITATION = _DESCRIPTION, _CITATION
+    HOMEPAGE = 'https://timseizinger.github.io/BokehliciousProjectPage/'
 
     def __init__(self, *, megadepth_weights: str = '', depth_working_size: str = '384x512',
                  **kwargs):
@@ -327,19 +329,8 @@ class Builder(ebb.CheckedManualFolder, tfds.core.GeneratorBasedBuilder):
         self.depth_working_size = str(depth_working_size)
         super().__init__(**kwargs)
 
-    @property
-    def with_depth(self) -> bool:
-        return self.builder_config.name == 'rgbd'
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=_DESCRIPTION,
-            features=feature_spec(self.with_depth),
-            homepage='https://huggingface.co/datasets/timseizinger/RealBokeh_3MP',
-            citation=_CITATION,
-            disable_shuffling=True,  # keep (scene, f-number) order
-            metadata=tfds.core.MetadataDict(),
-        )
+    def feature_spec(self) -> tfds.features.FeaturesDict:
+        return feature_spec(self.with_depth)
 
     def _weights(self) -> epath.Path:
         if not self.megadepth_weights:
