@@ -119,7 +119,8 @@ class Options:
 
 @functools.lru_cache(maxsize=None)
 def _pmapped_predict(channels: int, dtype: str, level: int, conv_impl: str,
-                     condition: tuple[str, str] = ('none', 'input'), residual: bool = False):
+                     condition: tuple[str, str] = ('none', 'input'),
+                     residual: bool | str = False):
     # Cached so that periodic validation during training reuses the compiled program.
     model = model_lib.PyNET(channels=channels, dtype=jnp.dtype(dtype), conv_impl=conv_impl,
                             condition=condition[0], condition_method=condition[1],
@@ -243,7 +244,7 @@ def evaluate_split(params: Any, meta: dict, data: ml_collections.ConfigDict, spl
         with_photos=len(methods) > 1 or detail, condition=meta.get('condition', 'none'))
     p_predict = _pmapped_predict(int(meta['channels']), options.dtype, level, options.conv_impl,
                                  model_lib.condition_of_meta(meta),
-                                 bool(meta.get('residual', False)))
+                                 meta.get('residual', False))
     replicated = flax.jax_utils.replicate(params)
     lpips_params = flax.jax_utils.replicate(lpips_model.params if lpips_model else {})
     row_names = ['input'] + (['classical'] if 'classical' in methods else []) + ['output',

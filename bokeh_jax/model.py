@@ -29,6 +29,9 @@ import numpy as np
 from bokeh_jax import conditioning
 from bokeh_jax import control as control_lib
 from bokeh_jax import onednn
+from bokeh_jax import residual as residual_lib
+# The residual model's helpers (model.residual), re-exported for model users.
+from bokeh_jax.residual import residual_base, residual_head, upscale2x  # noqa: F401
 # What a parameter tree is conditioned on (model.condition), re-exported for model users.
 from bokeh_jax.conditioning import condition_of, condition_of_meta, width_of  # noqa: F401
 # The paper's levels (coarsest first) and the multiple that input sides must be (space-to-depth
@@ -72,40 +75,6 @@ def space_to_depth(x: jax.Array) -> jax.Array:
 
 def max_pool(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
-
-
-def image_head(z: jax.Array) -> jax.Array:
-    """Maps logits to an image: tanh(z)*0.58 + 0.5, range about -0.08..1.08 (unclipped)."""
-    return jnp.tanh(z) * 0.58 + 0.5
-
-
-def residual_head(z: jax.Array, base: jax.Array | None) -> jax.Array:
-    """A level's float32 image from its logits: `image_head(z)`, or with `base` (the model
-    input's RGB at the level's size, PyNET.residual) base + tanh(z)*0.58, the image head less its
-    0.5: zero logits give the input back."""
-    if base is None:
-        return image_head(z).astype(jnp.float32)
-    return base + (jnp.tanh(z) * 0.58).astype(jnp.float32)
-
-
-def area_downscale(x: jax.Array, factor: int) -> jax.Array:
-    """[N, H, W, C] -> [N, H/factor, W/factor, C]: the mean of each factor x factor block (the
-    antialiased resize by an integer factor)."""
-    n, h, w, c = x.shape
-    return x.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
-
-
-def upscale2x(x: jax.Array) -> jax.Array:
-    """[N, H, W, C] -> [N, 2H, 2W, C], bicubic (Keys, a = -0.5), level 1's residual base.
-
-    Bicubic rather than linear: the model input is the photo downscaled x0.5 with an antialiased
-    bicubic (image_ops.make_model_input), and a bicubic upscale of it is the sharper estimate of
-    the photo that level 1 reproduces where nothing is blurred (against the photos of
-    tests/data/photos, 0.8-0.9 dB closer than a linear upscale). Each output reads inputs within
-    two pixels, far inside the tiles' halo (render.py).
-    """
-    n, h, w, c = x.shape
-    return jax.image.resize(x, (n, 2 * h, 2 * w, c), 'cubic')
 
 
 # Implementations of ConvLayer's convolution (`PyNET.conv_impl`, config.model.conv_impl).
@@ -426,9 +395,10 @@ class _Level(nn.Module):
     def mb(self, kmax: int, width: int, instance_norm: bool = True) -> MultiBlock:
         return MultiBlock(kmax, width, instance_norm, dtype=self.dtype, conv_impl=self.conv_impl)
 
-    def image(self, f: jax.Array, base: jax.Array | None = None) -> jax.Array:
+    def image(self, f: jax.Array, base: jax.Array | None = None,
+              gain: jax.Array | None = None) -> jax.Array:
         """Side output: float32 image from the level's features (`residual_head`)."""
-        return residual_head(self.head(f), base)
+        return residual_head(self.head(f), base, gain)
 
     def ups(self, f: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The two separate transposed convs that feed the next finer level."""
@@ -594,9 +564,9 @@ class Level1(nn.Module):
         self.head = Head(dtype=self.dtype)
 
     def __call__(self, z2: jax.Array, control: jax.Array | None = None,
-                 base: jax.Array | None = None) -> jax.Array:
-        """base: PyNET.residual's level-1 base image (`residual_head`), else None."""
-        return residual_head(self.head(self.up(z2, control)), base)
+                 base: jax.Array | None = None, gain: jax.Array | None = None) -> jax.Array:
+        """base, gain: PyNET.residual's level-1 base image and gain (`residual_head`), or None."""
+        return residual_head(self.head(self.up(z2, control)), base, gain)
 
 
 class PyNET(nn.Module):
@@ -616,7 +586,9 @@ class PyNET(nn.Module):
       residual: False (the paper): every level's image is image_head(z) of its logits z. True (a
         deviation, config.model.residual): it is the model input's RGB resized to the level's
         size plus tanh(z)*0.58, so zero logits reproduce the input and the network learns only
-        the change (`residual_base`). The same parameters either way.
+        the change (`residual_base`). 'aperture' (config.model.residual_gain, conditioned models
+        only): True with the change scaled by s = 2/N (bokeh_jax/residual.py). The same
+        parameters in all three.
 
     Call with x float32 [N, H, W, C + k] in [0, 1], C = 4 (RGB + depth, the paper) or 3 (RGB
     only), k = control.condition_channels(condition) control maps (control.append_condition), H
@@ -631,11 +603,12 @@ class PyNET(nn.Module):
     conv_impl: str = 'xla'
     condition: str = 'none'
     condition_method: str = 'input'
-    residual: bool = False
+    residual: bool | str = False
 
     def setup(self):
         check_conv_impl(self.conv_impl)
         control_lib.check_condition(self.condition)
+        residual_lib.check_residual(self.residual, self.condition)
         conditioning.check_method(self.condition_method)
         dtype, conv_impl = compute_plan(self.dtype, self.conv_impl)
         kw = dict(channels=self.channels, dtype=dtype, conv_impl=conv_impl)
@@ -673,7 +646,7 @@ class PyNET(nn.Module):
         """
         check_input(x, self.condition)
         dtype = compute_plan(self.dtype, self.conv_impl)[0]
-        film, control, extra = None, {}, ()
+        film, control, extra, gain = None, {}, (), None
         rgb = x[..., :3].astype(jnp.float32)
         base = functools.partial(residual_base, rgb) if self.residual else lambda level: None
         if self._method is None:
@@ -682,6 +655,7 @@ class PyNET(nn.Module):
             x, maps = conditioning.split_input(x, self.condition)
             maps_half = space_to_depth(maps)  # float32: s is read from it (fine)
             extra = (maps_half,)
+            gain = residual_lib.aperture_gain(self.residual, maps)
             if self._method == 'film':
                 film = self.encoder.embed(maps[:, 0, 0, 0])  # s, read before any cast
                 defocus = maps[..., 1:]  # empty for 'aperture'
@@ -694,12 +668,12 @@ class PyNET(nn.Module):
             e1, e2, e3, e4 = self.encoder(x.astype(dtype), e1_maps, film)
         outputs = {}
         f = self.level7(e4, control.get(7), film)
-        outputs[7] = self.level7.image(f, base(7))
+        outputs[7] = self.level7.image(f, base(7), gain)
         for lvl, module, skip in ((6, self.level6, e4), (5, self.level5, e3), (4, self.level4, e2)):
             if stop_at > lvl:
                 return outputs, ()
             f = module(skip, *getattr(self, f'level{lvl + 1}').ups(f), control.get(lvl), film)
-            outputs[lvl] = module.image(f, base(lvl))
+            outputs[lvl] = module.image(f, base(lvl), gain)
         if stop_at > 3:
             return outputs, ()
         if self.residual:
@@ -715,6 +689,7 @@ class PyNET(nn.Module):
         maps, then a residual model's RGB base.
         """
         maps = extra[0] if self._method is not None else None
+        gain = residual_lib.aperture_gain(self.residual, maps)
         bases = {3: None, 2: None, 1: None}
         if self.residual:
             bases[2] = conditioning.depth_to_space(extra[-1], 3)
@@ -728,22 +703,13 @@ class PyNET(nn.Module):
             control = conditioning.mean_of_quads(maps, k)
             control1 = conditioning.depth_to_space(maps, k)
         f3 = self.level3(e1, u4a, u4b, control, film)
-        outputs = {3: self.level3.image(f3, bases[3])}
+        outputs = {3: self.level3.image(f3, bases[3], gain)}
         if stop_at <= 2:
             z2 = self.level2(f3, control)
-            outputs[2] = residual_head(z2, bases[2])
+            outputs[2] = residual_head(z2, bases[2], gain)
             if stop_at == 1:
-                outputs[1] = self.level1(z2, control1, bases[1])
+                outputs[1] = self.level1(z2, control1, bases[1], gain)
         return outputs
-
-
-def residual_base(rgb: jax.Array, level: int) -> jax.Array:
-    """PyNET.residual's base image of `level` from the input's RGB [N, H, W, 3]: the RGB resized
-    to the level's output size (level_output_scale), by area averaging for levels 3..7 and
-    `upscale2x` for level 1."""
-    if level == 1:
-        return upscale2x(rgb)
-    return rgb if level == 2 else area_downscale(rgb, 2 ** (level - 2))
 
 
 def check_input(x: Any, condition: str = 'none') -> None:

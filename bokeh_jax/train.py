@@ -62,6 +62,7 @@ from bokeh_jax import input_pipeline
 from bokeh_jax import losses
 from bokeh_jax import metrics as metrics_lib
 from bokeh_jax import model as model_lib
+from bokeh_jax import residual as residual_lib
 from bokeh_jax import workdir as workdir_lib
 from bokeh_jax.training import checkpoints
 from bokeh_jax.training import config_checks
@@ -170,7 +171,8 @@ def initial_params(config: ml_collections.ConfigDict, input_channels: int) -> tu
                 f"unconditioned model can start a conditioned one)")
         return params, source
     model = model_lib.PyNET(config.model.channels, condition=condition[0],
-                            condition_method=condition[1], residual=config.model.residual)
+                            condition_method=condition[1],
+                            residual=residual_lib.from_config(config.model))
     params = model_lib.init_params(model, jax.random.key(config.seed), input_channels,
                                    scheme=config.model.init)
     return params, f'random ({config.model.init} init)'
@@ -227,11 +229,11 @@ def _train_levels(config: ml_collections.ConfigDict, workdir: str, vgg_params: A
                               conv_impl=config.model.conv_impl,
                               condition=config.model.condition,
                               condition_method=config.model.condition_method,
-                              residual=config.model.residual),
+                              residual=residual_lib.from_config(config.model)),
         model_meta={'channels': config.model.channels, 'input_channels': input_channels,
                     'condition': config.model.condition,
                     'condition_method': config.model.condition_method,
-                    'residual': config.model.residual, 'source': 'train',
+                    'residual': residual_lib.from_config(config.model), 'source': 'train',
                     **_blur_scale(config)},
         manager=checkpoints.checkpoint_manager(workdir, config),
         logger=writer_lib.Logger(workdir, jax.process_index() == 0),

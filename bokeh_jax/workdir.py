@@ -29,7 +29,8 @@ CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
 # Fields that change the parameter tree: a model trained with one value cannot be used with another.
 MODEL_FIELDS = ('model.channels', 'data.builder_config', 'model.condition',
-                'model.condition_method', 'model.residual')
+                'model.condition_method', 'model.residual',
+                'model.residual_gain')
 
 
 def config_path(workdir: str) -> str:

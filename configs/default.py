@@ -95,6 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # network starts at the identity and learns only the change (PyNET.residual). Same
     # parameters; a trained workdir keeps its value.
     config.model.residual = False
+    # True (conditioned residual models only): the change is scaled by the aperture s = 2/N
+    # (bokeh_jax/residual.py), so that near f/16 the heads change little. Same parameters.
+    config.model.residual_gain = False
 
     config.data = ml_collections.ConfigDict()
     # TFDS builder: 'ebb' (manual download), 'synthetic_bokeh' or 'realbokeh' (manual download;

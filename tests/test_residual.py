@@ -147,3 +147,33 @@ def test_config_field_is_checked_and_kept_by_the_workdir():
     given.model.residual = True
     with pytest.raises(UserError, match='config.model.residual=True disagrees with W/'):
         workdir.check_same_model(config, given, 'W')
+
+
+def test_aperture_gain_scales_the_change_by_s():
+    """residual 'aperture' (model.residual_gain): every level's change is s = 2/N times the
+    plain residual model's, on the same parameters, tiled or not; it needs a conditioned model."""
+    model = model_lib.PyNET(CHANNELS, condition=CONDITION[0], condition_method=CONDITION[1])
+    params = model_lib.init_params(model, jax.random.key(4), 4, scheme='he')
+    photo = _photo(h=320, w=64)
+    for fnumber in (2.0, 8.0):
+        x = control.append_condition(photo, CONDITION[0], fnumber, 0.5)
+        plain = _outputs(params, x, True, *CONDITION)
+        gained = _outputs(params, x, 'aperture', *CONDITION)
+        for level in model_lib.LEVELS:
+            base = model_lib.residual_base(photo[..., :3], level)
+            np.testing.assert_allclose(gained[level] - base, (plain[level] - base) * 2 / fnumber,
+                                       atol=2e-6)
+    kw = dict(channels=CHANNELS, residual='aperture')
+    tiled = render.render_model_input(params, x[0], (640, 128), max_tile=2 * (
+        render.HALO_BEFORE + render.HALO_AFTER + 40), **kw)
+    np.testing.assert_allclose(tiled, render.render_model_input(params, x[0], (640, 128),
+                                                                max_tile=0, **kw), atol=1e-4)
+    with pytest.raises(ValueError, match="residual 'aperture'.*needs a conditioned model"):
+        _outputs(_params(), photo, 'aperture')
+    config = default.get_config('tiny')
+    config.model.residual_gain = True
+    with pytest.raises(UserError, match='residual_gain=True needs config.model.residual=True'):
+        config_checks.validate_model_config(config)
+    config.model.residual = True
+    with pytest.raises(UserError, match='config.model.residual_gain.*needs a conditioned model'):
+        config_checks.validate_model_config(config)

@@ -13,6 +13,7 @@ from bokeh_jax import conditioning
 from bokeh_jax import control
 from bokeh_jax import input_pipeline
 from bokeh_jax import model as model_lib
+from bokeh_jax import residual as residual_lib
 from bokeh_jax.errors import UserError
 
 LOSS_TERMS = ('mae', 'vgg', 'ssim')
@@ -139,9 +140,14 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
     _check_choice(condition, control.CONDITIONS, 'config.model.condition')
     _check_choice(config.model.condition_method, conditioning.METHODS,
                   'config.model.condition_method')
-    if not isinstance(config.model.residual, bool):
-        raise UserError(f'config.model.residual must be True or False, got '
-                        f'{config.model.residual!r}')
+    for field in ('residual', 'residual_gain'):
+        if not isinstance(config.model[field], bool):
+            raise UserError(f'config.model.{field} must be True or False, got '
+                            f'{config.model[field]!r}')
+    try:
+        residual_lib.from_config(config.model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if condition == 'aperture_focus' and config.data.builder_config != 'rgbd':
         raise UserError("config.model.condition='aperture_focus' reads the focus from the depth "
                         "map: it needs config.data.builder_config='rgbd', got "
