@@ -26,10 +26,7 @@ the epoch permutation perm_e and the crop/augmentation drawn from seeded generat
 (config.seed, level, ...). It depends neither on process_count, num_workers nor the decoded-record
 cache (config.data.cache_mb), so a resumed run (start_step = s) sees exactly the batches of an
 uninterrupted one, and process p of P simply takes rows [p * B / P, (p + 1) * B / P) of the same
-global batch.
-
-Over 500 lines: training and evaluation share the record decoding and the control maps here, and
-the pipeline's benchmark program (the last section) is the natural piece to move out next.
+global batch. Its speed: `python -m bokeh_jax.bench.pipeline`.
 """
 
 import collections
@@ -38,7 +35,6 @@ import dataclasses
 import functools
 import io
 import threading
-import time
 from typing import Any
 
 from absl import flags
@@ -471,57 +467,3 @@ def eval_iterator(data: ml_collections.ConfigDict, split: str, *, num_local_devi
                .batch(num_local_devices)
                .map(lambda batch: {k: v[:, None] for k, v in batch.items()}))
     return _finish(pipeline, data)
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def benchmark_pipeline(config: ml_collections.ConfigDict, level: int, num_batches: int
-                       ) -> dict[str, float]:
-    """Times the training pipeline of `level` on this machine (one process, one device).
-
-    Uses the level's batch size (config.train.level{k}.batch_size) and config.data as is; the
-    data set must be prepared (`python -m tfds_ebb.prepare --config=...`). Returns examples/s
-    and batches/s after one warm-up batch (which includes starting the workers).
-    """
-    batch_size = int(config.train[f'level{level}'].batch_size)
-    iterator = train_iterator(config.data, config.seed, level, 0, batch_size=batch_size,
-                              num_local_devices=1)
-    try:
-        next(iterator)
-        start = time.perf_counter()
-        for _ in range(num_batches):
-            next(iterator)
-        seconds = time.perf_counter() - start
-    finally:
-        iterator.close()
-    return {'level': level, 'batch_size': batch_size, 'crop_size': int(config.data.crop_size),
-            'num_workers': int(config.data.num_workers), 'batches': num_batches,
-            'seconds': seconds, 'batches_per_sec': num_batches / seconds,
-            'examples_per_sec': num_batches * batch_size / seconds}
-
-
-def main() -> None:
-    """`python -m bokeh_jax.input_pipeline --config=configs/default.py:tiny --levels=1,3`."""
-    from absl import app
-    from ml_collections import config_flags
-
-    config = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
-    levels = flags.DEFINE_string('levels', '1,3', 'Comma-separated paper levels to benchmark.')
-    num_batches = flags.DEFINE_integer('num_batches', 20, 'Timed batches per level.')
-    flags.mark_flags_as_required(['config'])
-
-    def run(argv: Sequence[str]) -> None:
-        del argv
-        for level in (int(v) for v in levels.value.split(',')):
-            result = benchmark_pipeline(config.value, level, num_batches.value)
-            print(f"level {level}: {result['examples_per_sec']:.1f} examples/s "
-                  f"({result['batches_per_sec']:.2f} batches/s of {result['batch_size']}, crop "
-                  f"{result['crop_size']}, {result['num_workers']} workers)", flush=True)
-
-    app.run(run)
-
-
-if __name__ == '__main__':
-    # Through the package, so that grain workers unpickle this module's classes by name.
-    from bokeh_jax import input_pipeline
-    input_pipeline.main()

@@ -15,6 +15,7 @@ from bokeh_jax import dataset
 from bokeh_jax.errors import UserError
 from bokeh_jax import image_ops
 from bokeh_jax import input_pipeline
+from bokeh_jax.bench import pipeline as pipeline_bench
 from configs import default
 from tfds_ebb import prepare
 
@@ -470,5 +471,5 @@ print('TF_MODULES', loaded)
 
 
 def test_benchmark_reports_throughput(data_dir):
-    result = input_pipeline.benchmark_pipeline(tiny_config(data_dir), 3, 2)
+    result = pipeline_bench.pipeline_speed(tiny_config(data_dir), 3, 2)
     assert result['examples_per_sec'] > 0 and result['batch_size'] == 2
