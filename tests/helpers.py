@@ -1,5 +1,6 @@
 """Shared by the tests: running launch.py as a real subprocess, comparing parameter trees."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -74,3 +75,12 @@ def tiny_config(data_dir: str, **overrides):
             target = target[name]
         target[leaf] = value
     return config
+
+
+def tensorboard_tags(workdir: str) -> set[str]:
+    import tensorflow as tf  # only to read the event files
+    tags = set()
+    for path in glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*')):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    return tags

@@ -288,13 +288,6 @@ def test_conditioned_model_renders_tiled_at_an_fnumber_and_focus(tmp_path):
     untiled = render.render_model_input(params, x, out_hw, max_tile=0, **kw)
     tiled = render.render_model_input(params, x, out_hw, max_tile=render.MIN_TILE, **kw)
     np.testing.assert_allclose(tiled, untiled, atol=1e-4, rtol=0)
-    # 'levels' also feeds the maps to levels 2 and 1, which run in the tiles.
-    levels = model_lib.init_params(
-        model_lib.PyNET(CHANNELS, condition=condition, condition_method='levels'),
-        jax.random.key(4), input_channels=4, scheme='he')
-    np.testing.assert_allclose(
-        render.render_model_input(levels, x, out_hw, max_tile=render.MIN_TILE, **kw),
-        render.render_model_input(levels, x, out_hw, max_tile=0, **kw), atol=1e-4, rtol=0)
 
     workdir = str(tmp_path / 'work')
     checkpoint.save_params(workdir, 1, params, {'channels': CHANNELS, 'input_channels': 4,

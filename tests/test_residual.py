@@ -84,13 +84,11 @@ def test_zero_logits_give_the_resized_input(condition, method):
                                atol=1e-6)
 
 
-@pytest.mark.parametrize('condition,method', [('none', 'input'), CONDITION])
-def test_tiled_render_matches_one_pass(condition, method):
-    """The RGB base comes to levels 3..1 as one more skip, tiled like e1."""
-    params = _params(condition, method, seed=2)
-    photo = _photo(h=320, w=64)
-    x = control.append_condition(photo, condition, 2.8, 0.5)[0] if condition != 'none' \
-        else photo[0]
+def test_tiled_render_matches_one_pass():
+    """The RGB base comes to levels 3..1 as one more skip, tiled like e1 (with the control maps
+    too: test_aperture_gain_scales_the_change_by_s)."""
+    params = _params(seed=2)
+    x = _photo(h=320, w=64)[0]
     out_hw = (640, 128)
     max_tile = 2 * (render.HALO_BEFORE + render.HALO_AFTER + 40)  # several tiles along H
     kw = dict(channels=CHANNELS, residual=True)
@@ -151,23 +149,28 @@ def test_config_field_is_checked_and_kept_by_the_workdir():
 
 def test_aperture_gain_scales_the_change_by_s():
     """residual 'aperture' (model.residual_gain): every level's change is s = 2/N times the
-    plain residual model's, on the same parameters, tiled or not; it needs a conditioned model."""
+    plain residual model's, on the same parameters; tiles (the maps and the RGB base as skips)
+    equal one pass; it needs a conditioned model."""
     model = model_lib.PyNET(CHANNELS, condition=CONDITION[0], condition_method=CONDITION[1])
     params = model_lib.init_params(model, jax.random.key(4), 4, scheme='he')
-    photo = _photo(h=320, w=64)
-    for fnumber in (2.0, 8.0):
-        x = control.append_condition(photo, CONDITION[0], fnumber, 0.5)
-        plain = _outputs(params, x, True, *CONDITION)
-        gained = _outputs(params, x, 'aperture', *CONDITION)
-        for level in model_lib.LEVELS:
-            base = model_lib.residual_base(photo[..., :3], level)
-            np.testing.assert_allclose(gained[level] - base, (plain[level] - base) * 2 / fnumber,
-                                       atol=2e-6)
+    photo = _photo(seed=4)
+    x = control.append_condition(np.concatenate([photo, photo]), CONDITION[0],
+                                 np.array([2.0, 8.0]), 0.5)
+    plain = _outputs(params, x, True, *CONDITION)
+    gained = _outputs(params, x, 'aperture', *CONDITION)
+    for level in model_lib.LEVELS:
+        base = model_lib.residual_base(x[..., :3], level)
+        change = np.asarray(plain[level] - base)
+        assert np.abs(change).mean() > 1e-3, level
+        np.testing.assert_allclose(gained[level] - base, change * np.array([1, 0.25])[
+            :, None, None, None], atol=2e-6)
+    tall = control.append_condition(_photo(h=320, w=64), CONDITION[0], 2.8, 0.5)[0]
     kw = dict(channels=CHANNELS, residual='aperture')
-    tiled = render.render_model_input(params, x[0], (640, 128), max_tile=2 * (
+    untiled = render.render_model_input(params, tall, (640, 128), max_tile=0, **kw)
+    tiled = render.render_model_input(params, tall, (640, 128), max_tile=2 * (
         render.HALO_BEFORE + render.HALO_AFTER + 40), **kw)
-    np.testing.assert_allclose(tiled, render.render_model_input(params, x[0], (640, 128),
-                                                                max_tile=0, **kw), atol=1e-4)
+    assert untiled.std() > 0.01
+    np.testing.assert_allclose(tiled, untiled, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="residual 'aperture'.*needs a conditioned model"):
         _outputs(_params(), photo, 'aperture')
     config = default.get_config('tiny')
