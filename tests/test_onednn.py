@@ -94,7 +94,7 @@ def _param_shapes(model):
 def test_model_forward_and_gradients_match_between_impls(tiny_params):
     onednn_model = model_lib.PyNET(4, conv_impl='onednn')
     assert _param_shapes(model_lib.PyNET(4)) == _param_shapes(onednn_model)
-    x = jax.random.uniform(jax.random.key(1), (1, 128, 128, 4))
+    x = jax.random.uniform(jax.random.key(1), (1, 64, 64, 4))
     # Every multi-block conv runs in oneDNN: one forward custom call per ConvLayer kernel.
     layers = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(tiny_params)
                  if path[-3].key[0] == 'k' and path[-1].key == 'kernel')
