@@ -6,8 +6,9 @@ Times the level-1 forward of the unconditioned PyNET and of each condition_metho
 parameters, condition 'aperture_focus': both control maps) in one process, calls alternating
 (timing.time_interleaved), and prints each method's time and its ratio to the unconditioned
 model's (median of adjacent calls' ratios), and the ratios of XLA's counts of floating-point
-operations and bytes accessed, which no other process's load disturbs. The #22 goal is at most
-1.03.
+operations and bytes accessed, which no other process's load disturbs. `input+gain` is the
+`:control` model: method 'input' with the residual heads scaled by the aperture
+(model.residual_gain). The #22 goal is at most 1.03.
 """
 
 from absl import app
@@ -36,11 +37,14 @@ def main(argv):
     photo = rng.random((1, h, w, 4), np.float32)
     x = control.append_condition(photo, _CONDITION.value, 2.8, 0.5)
     calls, costs = {}, {}
-    for method in ('none', *conditioning.METHODS):
+    # name: (condition_method, PyNET.residual); 'none' is the paper's model.
+    variants = {'none': (None, False), **{m: (m, False) for m in conditioning.METHODS},
+                'input+gain': ('input', 'aperture')}
+    for method, (condition_method, residual) in variants.items():
         condition = 'none' if method == 'none' else _CONDITION.value
         model = model_lib.PyNET(_CHANNELS.value, dtype=jnp.dtype(_DTYPE.value),
                                 conv_impl=_CONV_IMPL.value, condition=condition,
-                                condition_method='input' if method == 'none' else method)
+                                condition_method=condition_method or 'input', residual=residual)
         params = jax.device_put(model_lib.init_params(model, jax.random.key(0), 4, scheme='he'))
         forward = jax.jit(lambda p, x, model=model: model.apply({'params': p}, x, level=1)[1])
         inputs = jax.device_put(photo if method == 'none' else x)
@@ -56,7 +60,7 @@ def main(argv):
     for method, seconds in times.items():
         ratio = timing.paired_ratio(seconds, times['none'])
         flops, moved = (a / b for a, b in zip(costs[method], costs['none']))
-        print(f'  {method:7s} median {np.median(seconds):7.3f} s  vs none {ratio:.3f}  '
+        print(f'  {method:10s} median {np.median(seconds):7.3f} s  vs none {ratio:.3f}  '
               f'({", ".join(f"{t:.3f}" for t in seconds)}); XLA flops x{flops:.4f}, '
               f'bytes accessed x{moved:.4f}')
 
