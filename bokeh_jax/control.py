@@ -155,14 +155,14 @@ def parse_focus(text: str) -> tuple[float, float]:
     return x, y
 
 
-# focus_detail: the photo's lost detail is kept in full where the blur disc is at most
-# DETAIL_FULL_PX wide, fading out to none at DETAIL_NONE_PX.
+# focus_detail: the photo is kept where the blur disc is at most DETAIL_FULL_PX wide, fading to
+# the model's render at DETAIL_NONE_PX.
 DETAIL_FULL_PX, DETAIL_NONE_PX = 1.0, 2.0
 
 
 def focus_detail(output: np.ndarray, photo: np.ndarray, defocus: np.ndarray,
                  px_per_defocus: float) -> np.ndarray:
-    """`output` with the photo's detail above half resolution added back where it is in focus.
+    """`output` with the photo itself where the blur disc is too small to see.
 
     Args:
       output: float32 [H, W, 3], a conditioned model's full-resolution render of `photo`.
@@ -172,16 +172,17 @@ def focus_detail(output: np.ndarray, photo: np.ndarray, defocus: np.ndarray,
       px_per_defocus: the blur disc's diameter, in output pixels, per unit of |defocus| that the
         model learned (checkpoint meta `blur_px_per_defocus`: strength at f/2 x scene height).
 
-    The detail is photo - up(down(photo)) with the model input's own x0.5 resize; its weight is
-    1 where the disc is <= DETAIL_FULL_PX and 0 from DETAIL_NONE_PX on.
+    Returns w * photo + (1 - w) * output, w = 1 where the disc is at most DETAIL_FULL_PX, 0 from
+    DETAIL_NONE_PX on, linear between. PyNET sees the photo at half resolution: in focus its
+    render is at best the photo downscaled and upscaled, plus whatever its heads add; a disc of
+    at most a pixel leaves the photo as it is.
     """
     height, width = photo.shape[:2]
-    half = np.clip(image_ops.resize(photo, image_ops.half_size(height, width)), 0.0, 1.0)
-    lost = photo - image_ops.resize(half, (height, width))
     disc = px_per_defocus * np.abs(image_ops.resize(np.asarray(defocus, np.float32),
                                                     (height, width)))
     weight = np.clip((DETAIL_NONE_PX - disc) / (DETAIL_NONE_PX - DETAIL_FULL_PX), 0.0, 1.0)
-    return (output + weight[..., None] * lost).astype(np.float32)
+    weight = weight[..., None]
+    return (weight * photo + (1.0 - weight) * output).astype(np.float32)
 
 
 def px_per_defocus(config, meta: dict) -> float | None:

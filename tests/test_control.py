@@ -68,7 +68,11 @@ def test_focus_detail_restores_the_photo_in_focus_only():
     smooth = image_ops.resize(half, (128, 192))  # all a half-resolution model could return
     defocus = np.zeros((64, 96), np.float32)
     defocus[:, 48:] = 0.5  # right half: a disc of 0.5 * 16 = 8 px
-    out = control.focus_detail(smooth, photo, defocus, px_per_defocus=16.0)
+    drawn = smooth + np.float32(0.02)  # what a model's heads might add everywhere
+    out = control.focus_detail(drawn, photo, defocus, px_per_defocus=16.0)
     np.testing.assert_allclose(out[:, :90], photo[:, :90], atol=1e-5)  # in focus: the photo
-    np.testing.assert_array_equal(out[:, 100:], smooth[:, 100:])  # blurred: untouched
+    np.testing.assert_array_equal(out[:, 100:], drawn[:, 100:])  # blurred: untouched
     assert np.abs(smooth[:, :90] - photo[:, :90]).mean() > 0.005  # there was detail to restore
+    # The fade: a disc of 1.5 px is half photo, half render.
+    fade = control.focus_detail(drawn, photo, np.full((64, 96), 1.5 / 16, np.float32), 16.0)
+    np.testing.assert_allclose(fade, (photo + drawn) / 2, atol=1e-5)
