@@ -13,11 +13,13 @@ synthetic renderer's blur strength at f-number N is `blur_strength(strength_at_f
 mapping from f-number to blur used everywhere (data generation, sweeps, the page).
 
 PyNET reads the photo at half resolution, so on its own it cannot return the full-resolution
-detail of what is in focus: `focus_detail` puts it back where the blur disc is under a pixel or
-two (config.render.focus_detail; a deviation from the paper, for conditioned models only).
+detail of what is in focus, nor a blur of a pixel or two: `focus_detail` keeps the photo where the
+blur disc is at most a pixel and the photo blurred by its disc up to two (config.render.
+focus_detail; a deviation from the paper, for conditioned models only).
 """
 
 import numpy as np
+import scipy.ndimage
 
 from bokeh_jax import classical, image_ops
 
@@ -155,14 +157,32 @@ def parse_focus(text: str) -> tuple[float, float]:
     return x, y
 
 
-# focus_detail: the photo is kept where the blur disc is at most DETAIL_FULL_PX wide, fading to
-# the model's render at DETAIL_NONE_PX.
+# focus_detail: the photo is kept where the blur disc is at most DETAIL_FULL_PX wide; up to
+# DETAIL_NONE_PX the photo blurred by its disc (SMALL_DISCS_PX, interpolated) fades into the
+# model's render.
 DETAIL_FULL_PX, DETAIL_NONE_PX = 1.0, 2.0
+SMALL_DISCS_PX = (1.0, 1.5, 2.0)
+
+
+def small_disc_blur(photo: np.ndarray, disc: np.ndarray) -> np.ndarray:
+    """float32 [H, W, 3]: the photo blurred at each pixel by a disc of diameter disc [H, W]
+    (pixels), interpolated between SMALL_DISCS_PX (a disc of 1 px or less: the photo)."""
+    levels = [photo] + [
+        np.stack([scipy.ndimage.convolve(photo[..., c], classical.disc_kernel(d / 2),
+                                         mode='nearest') for c in range(photo.shape[-1])], -1)
+        for d in SMALL_DISCS_PX[1:]]
+    position = np.interp(disc, SMALL_DISCS_PX, np.arange(len(SMALL_DISCS_PX)))
+    lower = np.minimum(position.astype(np.int32), len(levels) - 2)
+    fraction = (position - lower)[..., None]
+    stack = np.stack(levels)
+    rows, cols = np.indices(disc.shape)
+    return (stack[lower, rows, cols] * (1 - fraction)
+            + stack[lower + 1, rows, cols] * fraction).astype(np.float32)
 
 
 def focus_detail(output: np.ndarray, photo: np.ndarray, defocus: np.ndarray,
                  px_per_defocus: float) -> np.ndarray:
-    """`output` with the photo itself where the blur disc is too small to see.
+    """`output` with the photo itself where the blur disc is too small for the model to draw.
 
     Args:
       output: float32 [H, W, 3], a conditioned model's full-resolution render of `photo`.
@@ -172,17 +192,21 @@ def focus_detail(output: np.ndarray, photo: np.ndarray, defocus: np.ndarray,
       px_per_defocus: the blur disc's diameter, in output pixels, per unit of |defocus| that the
         model learned (checkpoint meta `blur_px_per_defocus`: strength at f/2 x scene height).
 
-    Returns w * photo + (1 - w) * output, w = 1 where the disc is at most DETAIL_FULL_PX, 0 from
-    DETAIL_NONE_PX on, linear between. PyNET sees the photo at half resolution: in focus its
-    render is at best the photo downscaled and upscaled, plus whatever its heads add; a disc of
-    at most a pixel leaves the photo as it is.
+    Returns w * small + (1 - w) * output: small = the photo blurred by its disc
+    (`small_disc_blur`, the photo itself for discs of at most a pixel), w = 1 where the disc is
+    at most DETAIL_FULL_PX, 0 from DETAIL_NONE_PX on, linear between. PyNET sees the photo at
+    half resolution: in focus its render is at best the photo downscaled and upscaled, plus
+    whatever its heads add, and a blur of a pixel or two is below what it can draw.
     """
     height, width = photo.shape[:2]
     disc = px_per_defocus * np.abs(image_ops.resize(np.asarray(defocus, np.float32),
                                                     (height, width)))
     weight = np.clip((DETAIL_NONE_PX - disc) / (DETAIL_NONE_PX - DETAIL_FULL_PX), 0.0, 1.0)
+    if not weight.any():
+        return np.asarray(output, np.float32)
+    small = small_disc_blur(np.asarray(photo, np.float32), disc)
     weight = weight[..., None]
-    return (weight * photo + (1.0 - weight) * output).astype(np.float32)
+    return (weight * small + (1.0 - weight) * output).astype(np.float32)
 
 
 def px_per_defocus(config, meta: dict) -> float | None:

@@ -73,6 +73,11 @@ def test_focus_detail_restores_the_photo_in_focus_only():
     np.testing.assert_allclose(out[:, :90], photo[:, :90], atol=1e-5)  # in focus: the photo
     np.testing.assert_array_equal(out[:, 100:], drawn[:, 100:])  # blurred: untouched
     assert np.abs(smooth[:, :90] - photo[:, :90]).mean() > 0.005  # there was detail to restore
-    # The fade: a disc of 1.5 px is half photo, half render.
+    # The fade: a disc of 1.5 px is half the photo blurred by that disc, half the render; the
+    # photo's blur grows with the disc.
     fade = control.focus_detail(drawn, photo, np.full((64, 96), 1.5 / 16, np.float32), 16.0)
-    np.testing.assert_allclose(fade, (photo + drawn) / 2, atol=1e-5)
+    small = control.small_disc_blur(photo, np.full((128, 192), 1.5, np.float32))
+    np.testing.assert_allclose(fade, (small + drawn) / 2, atol=1e-5)
+    detail = [np.abs(np.diff(control.small_disc_blur(photo, np.full((128, 192), d, np.float32)),
+                             axis=1)).mean() for d in (0.5, 1.0, 1.25, 1.5, 2.0)]
+    assert detail[0] == detail[1] and all(a > b for a, b in zip(detail[1:], detail[2:])), detail

@@ -6,9 +6,9 @@ Times the level-1 forward of the unconditioned PyNET and of each condition_metho
 parameters, condition 'aperture_focus': both control maps) in one process, calls alternating
 (timing.time_interleaved), and prints each method's time and its ratio to the unconditioned
 model's (median of adjacent calls' ratios), and the ratios of XLA's counts of floating-point
-operations and bytes accessed, which no other process's load disturbs. `input+gain` is the
-`:control` model: method 'input' with the residual heads scaled by the aperture
-(model.residual_gain). The #22 goal is at most 1.03.
+operations and bytes accessed, which no other process's load disturbs (with conv_impl 'xla':
+oneDNN's custom calls are not counted). `control` is the `:control` model (method 'input' with
+residual heads), `control+gain` the same with model.residual_gain. The #22 goal is at most 1.03.
 """
 
 from absl import app
@@ -39,7 +39,7 @@ def main(argv):
     calls, costs = {}, {}
     # name: (condition_method, PyNET.residual); 'none' is the paper's model.
     variants = {'none': (None, False), **{m: (m, False) for m in conditioning.METHODS},
-                'input+gain': ('input', 'aperture')}
+                'control': ('input', True), 'control+gain': ('input', 'aperture')}
     for method, (condition_method, residual) in variants.items():
         condition = 'none' if method == 'none' else _CONDITION.value
         model = model_lib.PyNET(_CHANNELS.value, dtype=jnp.dtype(_DTYPE.value),
@@ -60,7 +60,7 @@ def main(argv):
     for method, seconds in times.items():
         ratio = timing.paired_ratio(seconds, times['none'])
         flops, moved = (a / b for a, b in zip(costs[method], costs['none']))
-        print(f'  {method:10s} median {np.median(seconds):7.3f} s  vs none {ratio:.3f}  '
+        print(f'  {method:12s} median {np.median(seconds):7.3f} s  vs none {ratio:.3f}  '
               f'({", ".join(f"{t:.3f}" for t in seconds)}); XLA flops x{flops:.4f}, '
               f'bytes accessed x{moved:.4f}')
 
