@@ -127,44 +127,13 @@ def _two_process_args(data_dir: str, workdir: str, port: int, process_id: int) -
             '--config.dist.heartbeat_timeout=30']
 
 
-def test_two_processes_match_one_process_on_two_devices(data_dir, uninterrupted, tmp_path):
-    workdir = str(tmp_path / 'multihost')
-    port = _free_port()
-    processes, logs = [], []
-    for process_id in (0, 1):
-        args = _two_process_args(data_dir, workdir, port, process_id)
-        # Output goes to files: a full pipe would block one process inside a collective.
-        logs.append(open(tmp_path / f'process{process_id}.log', 'w+'))
-        processes.append(subprocess.Popen(
-            launch_command(*args), cwd=ROOT, env=launch_env(1), stdout=logs[-1],
-            stderr=subprocess.STDOUT, text=True))
-    try:
-        for p in processes:
-            p.wait(timeout=500)
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(processes, logs):
-        log.seek(0)
-        assert p.returncode == 0, log.read()[-4000:]
-        log.close()
-    # Only process 0 logs.
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        assert sum(1 for line in f if '"loss"' in line) == sum(RUN_STEPS.values())
-    for level in (7, 6):
-        multi, _ = checkpoint.load_params(workdir, level)
-        single, _ = checkpoint.load_params(uninterrupted, level)
-        assert_trees_equal(multi, single, f'level {level}')
-
-
-
-
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_checkpoint(data_dir, uninterrupted,
                                                                       tmp_path):
-    """A SIGTERM to process 1 alone reaches process 0 through JAX's preemption sync point: both
-    save one checkpoint at the same step and exit 75; it resumes (here on one process with two
-    devices) to the uninterrupted run's parameters."""
+    """Two processes of one device each train like one process with two devices, and a SIGTERM
+    to process 1 alone reaches process 0 through JAX's preemption sync point: both save one
+    checkpoint at the same step and exit 75, only process 0 logs, and the run resumes (here on
+    one process with two devices) to the uninterrupted run's parameters: level 7 and the start of
+    level 6 trained by the two processes, the rest by one."""
     workdir = str(tmp_path / 'preempted')
     port = _free_port()
     processes, logs = [], []
@@ -197,6 +166,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_checkpoint(data_dir, 
     assert steps and steps[-1] < sum(RUN_STEPS.values())
     assert not glob.glob(os.path.join(workdir, 'checkpoints', '*tmp*'))
     assert checkpoint.saved_levels(workdir) == [7]
+    logged = _level6_steps_logged(workdir)  # one line per step (log_every 1) if only process 0 logs
+    assert steps[-1] - RUN_STEPS[7] in (logged, logged + 1), (steps, logged)
 
     launch(*train_args(data_dir, workdir), devices=2)
     for level in (7, 6):
