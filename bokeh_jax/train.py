@@ -223,17 +223,18 @@ def _train_levels(config: ml_collections.ConfigDict, workdir: str, vgg_params: A
     input_channels = config_checks.input_channels(config)
     order = tuple(config.train.order)
     steps_per_level = [config_checks.level_steps(config, k) for k in order]
+    residual = residual_lib.from_config(config.model)
     run = _Run(
         config=config, workdir=workdir,
         model=model_lib.PyNET(config.model.channels, dtype=jnp.dtype(config.model.dtype),
                               conv_impl=config.model.conv_impl,
                               condition=config.model.condition,
                               condition_method=config.model.condition_method,
-                              residual=residual_lib.from_config(config.model)),
+                              residual=residual),
         model_meta={'channels': config.model.channels, 'input_channels': input_channels,
                     'condition': config.model.condition,
                     'condition_method': config.model.condition_method,
-                    'residual': residual_lib.from_config(config.model), 'source': 'train',
+                    'residual': residual, 'source': 'train',
                     **_blur_scale(config)},
         manager=checkpoints.checkpoint_manager(workdir, config),
         logger=writer_lib.Logger(workdir, jax.process_index() == 0),
