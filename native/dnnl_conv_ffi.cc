@@ -12,15 +12,17 @@
 //
 // Primitives are created once per (operation, shape) and kept in a process-wide cache. They are
 // immutable after creation, so one can run on several threads at once (pmap over host devices):
-// every call brings its own scratchpad (scratchpad_mode::user) and weight buffer, and its own
-// stream (one per thread).
+// every call uses its thread's own scratchpad (scratchpad_mode::user), weight buffer and stream,
+// kept from call to call so that no call allocates (and page-faults) fresh memory.
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -86,9 +88,15 @@ std::shared_ptr<const Entry> MakeEntry(Op op, const Shape& s) {
   auto entry = std::make_shared<Entry>();
   entry->user_weights = user_weights;
   if (op == Op::kForward || op == Op::kForwardBf16) {
-    entry->primitive = dnnl::convolution_forward(forward);
-    entry->weights = forward.weights_desc();
-    entry->scratchpad = forward.scratchpad_desc();
+    // oneDNN's brgemm forward kernels also read HWIO weights as they are (TF asks for that too),
+    // which saves a weight reorder per call; any other kernel gets its preferred layout.
+    dnnl::convolution_forward::primitive_desc pd = forward;
+    dnnl::convolution_forward::primitive_desc hwio(Engine(), prop, direct, src, user_weights,
+                                                   dst, strides, pad, pad, attr, true);
+    if (hwio && std::string(hwio.impl_info_str()).rfind("brg", 0) == 0) pd = hwio;
+    entry->primitive = dnnl::convolution_forward(pd);
+    entry->weights = pd.weights_desc();
+    entry->scratchpad = pd.scratchpad_desc();
     entry->data_in = src, entry->data_out = dst;
   } else if (op == Op::kBackwardData) {
     dnnl::convolution_backward_data::primitive_desc pd(Engine(), direct, src, any_weights, dst,
@@ -128,6 +136,26 @@ std::shared_ptr<const Entry> GetEntry(Op op, const Shape& s) {
   return cache.emplace(key, std::move(entry)).first->second;
 }
 
+// A buffer of this thread's, grown to `desc`'s size when needed, as oneDNN memory of `desc`.
+memory ThreadBuffer(int slot, const memory::desc& desc) {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  struct Buffer {
+    std::unique_ptr<char, Free> data;
+    size_t size = 0;
+  };
+  thread_local Buffer buffers[3];
+  Buffer& b = buffers[slot];
+  const size_t size = desc.get_size();
+  if (size > b.size) {
+    b.size = (size + 63) / 64 * 64;
+    b.data.reset(static_cast<char*>(std::aligned_alloc(64, b.size)));
+    if (!b.data) throw std::bad_alloc();
+  }
+  return memory(desc, Engine(), size ? b.data.get() : nullptr);
+}
+
 // Runs one cached primitive. `data_in` / `data_out` are the activation buffers in the entry's
 // order, `weights` the user's HWIO kernel (read, or written for backward-weights).
 void Execute(Op op, const Shape& s, void* data_in, void* data_out, void* weights) {
@@ -137,13 +165,13 @@ void Execute(Op op, const Shape& s, void* data_in, void* data_out, void* weights
   memory in(e->data_in, engine, data_in), out(e->data_out, engine, data_out);
   memory user_weights(e->user_weights, engine, weights);
   memory primitive_weights = user_weights;
-  if (e->weights_reorder) primitive_weights = memory(e->weights, engine);  // allocated per call
+  if (e->weights_reorder) primitive_weights = ThreadBuffer(0, e->weights);
   auto run_reorder = [&](memory& from, memory& to) {
-    memory scratchpad(e->reorder_scratchpad, engine);
+    memory scratchpad = ThreadBuffer(1, e->reorder_scratchpad);
     e->weights_reorder->execute(
         stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
   };
-  memory scratchpad(e->scratchpad, engine);
+  memory scratchpad = ThreadBuffer(2, e->scratchpad);
   if (op == Op::kForward || op == Op::kForwardBf16) {
     if (e->weights_reorder) run_reorder(user_weights, primitive_weights);
     e->primitive.execute(stream, {{DNNL_ARG_SRC, in},

@@ -318,6 +318,18 @@ def test_breakdown_parts_of_both_frameworks(tmp_path):
                      'upsampling (transposed convs)', 'loss'):
             assert parts.get(part, 0) > 0, (impl, part, parts)
         assert entry['wall_s'] > 0
+        # The traced ops span the step: what ran at once adds up to about the wall time.
+        assert sorted(entry['running']) == sorted(breakdown.RUNNING), impl
+        assert 0.5 * entry['wall_s'] < sum(entry['running'].values()) <= 1.01 * entry['wall_s'], \
+            (impl, entry)
+
+
+def test_running_counts_ops_at_once():
+    # 0-2 s one op, 1-2 s a second one beside it, 2-3 s nothing, 3-4 s one op (start ns, s).
+    found = breakdown.running([(0, 2.0), (1e9, 1.0), (3e9, 1.0)])
+    assert found == pytest.approx({'no op running': 1.0, 'one op running': 2.0,
+                                   'two or more ops running': 1.0})
+    assert breakdown.running([]) == dict.fromkeys(breakdown.RUNNING, 0.0)
 
 
 def test_jax_parts_from_hlo_names():

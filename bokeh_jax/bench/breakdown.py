@@ -12,7 +12,10 @@ kernel, named 'op_name:OpType') is put into one of `PARTS`:
     scopes `tf_peer` puts around each part ('norm', 'act', 'up', 'concat', 'loss'). Grappler fuses
     bias add and activation into the forward convolution (_FusedConv2D), which then counts as conv.
 Both sum op durations over all threads: ops running at the same time on different threads both
-count, so the total can exceed the step's wall time, which is shown beside it.
+count, so the total can exceed the step's wall time, which is shown beside it. How much of the
+step ran one op and how much two or more at once (`RUNNING`) says how well each framework keeps
+the cores busy: an op may itself use several threads (oneDNN's convolutions in JAX do), so one op
+running is not one core idle, but time with no op running is.
 """
 
 import glob
@@ -38,6 +41,8 @@ PARTS = (
     'optimizer update',
     'rest',
 )
+# Time of the traced step with no op, one op, and two or more ops running at once.
+RUNNING = ('no op running', 'one op running', 'two or more ops running')
 _ONEDNN = {
     'DnnlConvForward': 'conv forward',
     'DnnlConvForwardBf16': 'conv forward',
@@ -50,7 +55,8 @@ _ONEDNN = {
 
 
 def _op_events(directory: str, skip_lines: tuple[str, ...] = ('python',)):
-    """(name, seconds) of every event on the host CPU plane of the trace written to `directory`."""
+    """(name, start ns, seconds) of every event on the host CPU plane of the trace written to
+    `directory`."""
     path = glob.glob(f'{directory}/**/*.xplane.pb', recursive=True)
     if not path:
         raise RuntimeError(f'no .xplane.pb trace in {directory}')
@@ -61,11 +67,24 @@ def _op_events(directory: str, skip_lines: tuple[str, ...] = ('python',)):
             if line.name in skip_lines:
                 continue
             for event in line.events:
-                yield event.name, event.duration_ns * 1e-9
+                yield event.name, event.start_ns, event.duration_ns * 1e-9
 
 
 def _add(parts: dict[str, float], part: str, seconds: float) -> None:
     parts[part] = parts.get(part, 0.0) + seconds
+
+
+def running(spans: list[tuple[float, float]]) -> dict[str, float]:
+    """{`RUNNING` entry: seconds} over the (start ns, seconds) spans of the counted ops, from the
+    first op's start to the last op's end."""
+    edges = sorted([(start, 1) for start, _ in spans]
+                   + [(start + seconds * 1e9, -1) for start, seconds in spans])
+    found = dict.fromkeys(RUNNING, 0.0)
+    count, last = 0, edges[0][0] if edges else 0.0
+    for time_ns, change in edges:
+        found[RUNNING[min(count, 2)]] += (time_ns - last) * 1e-9
+        count, last = count + change, time_ns
+    return found
 
 
 # ----------------------------------------------------------------------------- JAX
@@ -112,8 +131,10 @@ def jax_part(opcode: str, op_name: str, target: str) -> str:
     return 'rest'
 
 
-def jax_parts(hlo_text: str, call: Callable[[], Any]) -> tuple[dict[str, float], float]:
-    """({part: op seconds}, wall seconds) of one `call` of the compiled program `hlo_text`."""
+def jax_parts(hlo_text: str, call: Callable[[], Any]
+              ) -> tuple[dict[str, float], float, dict[str, float]]:
+    """({part: op seconds}, wall seconds, `running`) of one `call` of the compiled program
+    `hlo_text`."""
     instructions = hlo_instructions(hlo_text)
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory):
@@ -121,10 +142,12 @@ def jax_parts(hlo_text: str, call: Callable[[], Any]) -> tuple[dict[str, float],
             call()
             wall = time.perf_counter() - start
         parts: dict[str, float] = {}
-        for name, seconds in _op_events(directory):
+        spans = []
+        for name, start, seconds in _op_events(directory):
             if name in instructions:
                 _add(parts, jax_part(*instructions[name]), seconds)
-    return parts, wall
+                spans.append((start, seconds))
+    return parts, wall, running(spans)
 
 
 # ----------------------------------------------------------------------------- TF
@@ -157,8 +180,8 @@ def tf_part(name: str, op_type: str) -> str:
     return 'rest'
 
 
-def tf_parts(call: Callable[[], Any]) -> tuple[dict[str, float], float]:
-    """({part: op seconds}, wall seconds) of one `call` (a TF program, already warm)."""
+def tf_parts(call: Callable[[], Any]) -> tuple[dict[str, float], float, dict[str, float]]:
+    """({part: op seconds}, wall seconds, `running`) of one `call` (a TF program, warm)."""
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory() as directory:
@@ -170,11 +193,13 @@ def tf_parts(call: Callable[[], Any]) -> tuple[dict[str, float], float]:
         finally:
             tf.profiler.experimental.stop()
         parts: dict[str, float] = {}
-        for name, seconds in _op_events(directory):
+        spans = []
+        for name, start, seconds in _op_events(directory):
             m = _TF_OP.fullmatch(name)
             if m and '::' not in name:
                 _add(parts, tf_part(m.group(1), m.group(2)), seconds)
-    return parts, wall
+                spans.append((start, seconds))
+    return parts, wall, running(spans)
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -199,15 +224,17 @@ def run(bench: Any) -> None:
             jax.block_until_ready(loss)
 
         call()  # warm
-        parts, wall = jax_parts(compiled.as_text(), call)
-        bench.breakdown.append({'name': name, 'impl': 'jax', 'parts': parts, 'wall_s': wall})
+        parts, wall, busy = jax_parts(compiled.as_text(), call)
+        bench.breakdown.append({'name': name, 'impl': 'jax', 'parts': parts, 'wall_s': wall,
+                                'running': busy})
         holder.clear()
         if 'tf' in bench.peer_names:
             peer = bench.peer('tf')
             key = f'breakdown{level}'
             peer.prepare(key, 'train', level, {'x': x_np, 'target': t_np})
             peer.timed(key)()  # warm: TF traces its function on the first call
-            parts, wall = peer.breakdown(key)
-            bench.breakdown.append({'name': name, 'impl': 'tf', 'parts': parts, 'wall_s': wall})
+            parts, wall, busy = peer.breakdown(key)
+            bench.breakdown.append({'name': name, 'impl': 'tf', 'parts': parts, 'wall_s': wall,
+                                    'running': busy})
     print('[bench] train step by part (op time summed over threads, one call each):', flush=True)
     print(report.format_breakdown(bench.breakdown), flush=True)

@@ -5,7 +5,8 @@ then answers one JSON command per line on stdin with one JSON line on stdout:
   {'op': 'prepare', 'key', 'kind', 'level', 'inputs': path.npz} -> {}
   {'op': 'time', 'key'} -> {'seconds': one call, from the call to its result being ready}
   {'op': 'output', 'key', 'path'} -> {} (one call's result saved to path as .npy)
-  {'op': 'breakdown', 'key'} -> {'parts': {part: seconds}, 'wall_s'} (one call, TF's profiler)
+  {'op': 'breakdown', 'key'} -> {'parts': {part: seconds}, 'wall_s', 'running'} (one call, TF's
+  profiler; see breakdown.tf_parts)
   {'op': 'version'} -> {'version'};  {'op': 'quit'} -> {} and exit.
 Errors come back as {'error': message}. The framework's own printing goes to stderr: stdout is the
 protocol's.
@@ -51,8 +52,8 @@ def main(argv: list[str]) -> int:
                 np.save(command['path'], peer.output(command['key']))
                 reply = {}
             elif op == 'breakdown':
-                parts, wall = peer.breakdown(command['key'])
-                reply = {'parts': parts, 'wall_s': wall}
+                parts, wall, busy = peer.breakdown(command['key'])
+                reply = {'parts': parts, 'wall_s': wall, 'running': busy}
             elif op == 'version':
                 reply = {'version': peer.version()}
             elif op == 'quit':

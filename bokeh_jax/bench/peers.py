@@ -109,8 +109,9 @@ class InProcessPeer:
             return result.permute(0, 2, 3, 1).numpy() if result.ndim == 4 else result.numpy()
         return np.asarray(result)
 
-    def breakdown(self, key: str) -> tuple[dict[str, float], float]:
-        """({part: seconds}, wall seconds) of one call of program `key` (TF's profiler)."""
+    def breakdown(self, key: str) -> tuple[dict[str, float], float, dict[str, float]]:
+        """({part: seconds}, wall seconds, {ops running at once: seconds}) of one call of
+        program `key` (TF's profiler)."""
         from bokeh_jax.bench import breakdown
 
         if self.name != 'tf':
@@ -173,10 +174,10 @@ class OutOfProcessPeer:
         os.remove(path)
         return out
 
-    def breakdown(self, key: str) -> tuple[dict[str, float], float]:
-        """({part: seconds}, wall seconds) of one call of program `key` (TF's profiler)."""
+    def breakdown(self, key: str) -> tuple[dict[str, float], float, dict[str, float]]:
+        """As InProcessPeer.breakdown, measured in the worker."""
         reply = self._ask(op='breakdown', key=key)
-        return reply['parts'], reply['wall_s']
+        return reply['parts'], reply['wall_s'], reply['running']
 
     def close(self) -> None:
         if self._process.poll() is None:

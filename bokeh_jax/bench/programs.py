@@ -55,7 +55,7 @@ def train_program(
         )
         # Placed by pmap itself, so the state carries the sharding the step returns (no recompile).
         stacked = jax.tree.map(lambda a: a[None], state)
-        return jax.pmap(lambda a: a, devices=devices)(stacked)
+        return jax.pmap(lambda a: a, axis_name=train.AXIS, devices=devices)(stacked)
 
     return TrainProgram(
         init=init,

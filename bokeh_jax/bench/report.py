@@ -90,20 +90,23 @@ def format_breakdown(entries: Sequence[dict]) -> str:
     """Train-step time per part (`breakdown.PARTS`), JAX and each peer side by side, in ms.
 
     entries: one per (benchmark, implementation): {'name', 'impl', 'parts': {part: s},
-    'wall_s'}; parts of one benchmark become columns next to each other.
+    'wall_s', 'running': {`breakdown.RUNNING` entry: s}}; parts of one benchmark become columns
+    next to each other.
     """
-    from bokeh_jax.bench.breakdown import PARTS
+    from bokeh_jax.bench.breakdown import PARTS, RUNNING
 
     columns = [(e['name'], e['impl']) for e in entries]
     head = ['part', *[f'{name} {impl} ms' for name, impl in columns]]
     cells = []
-    for part in (*PARTS, 'total (profiled ops)', 'wall (one call)'):
+    for part in (*PARTS, 'total (profiled ops)', 'wall (one call)', *RUNNING):
         row = [part]
         for e in entries:
             if part == 'total (profiled ops)':
                 value = sum(e['parts'].values())
             elif part == 'wall (one call)':
                 value = e['wall_s']
+            elif part in RUNNING:
+                value = e['running'][part]
             else:
                 value = e['parts'].get(part, 0.0)
             row.append(f'{value * 1e3:.1f}')
