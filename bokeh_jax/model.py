@@ -791,6 +791,13 @@ def upsampling_start(params: Any, shift: float = UPSAMPLING_SHIFT) -> Any:
     return params
 
 
+@functools.lru_cache(maxsize=64)
+def _init_shapes(model: 'PyNET', channels: int, size: tuple[int, ...]) -> Any:
+    """The parameter shapes of `model` (traced abstractly, ~0.5 s; cached per model and input)."""
+    x = jax.ShapeDtypeStruct((1, *size, channels), jnp.float32)
+    return jax.eval_shape(lambda r, x: model.init(r, x, level=1)['params'], jax.random.key(0), x)
+
+
 INIT_SCHEMES = ('pynet', 'he')
 # The original's initializer (its model.py): every kernel, transposed ones included, from a normal
 # of std 0.01 truncated at two standard deviations; every conv bias 0.01.
@@ -824,9 +831,8 @@ def init_params(
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f'Unknown init scheme {scheme!r}; expected one of {INIT_SCHEMES}')
-    x = jax.ShapeDtypeStruct(
-        (1, *size, input_channels + control_lib.condition_channels(model.condition)), jnp.float32)
-    shapes = jax.eval_shape(lambda r, x: model.init(r, x, level=1)['params'], rng, x)
+    shapes = _init_shapes(
+        model, input_channels + control_lib.condition_channels(model.condition), tuple(size))
     seed = np.asarray(jax.random.key_data(rng)).ravel().tolist()
     generator = np.random.default_rng(seed)
 
@@ -873,6 +879,15 @@ def param_shapes(channels: int = 32, input_channels: int = 4, condition: str = '
 
     input_channels: 3 or 4 (RGB(+depth)); the control maps of `condition` are added.
     """
+    # A fresh tree of cached leaves: tracing the model's init takes ~0.5 s, and every parameter
+    # load checks its tree against these shapes.
+    cached = _param_shapes(channels, input_channels, condition, condition_method)
+    return jax.tree.map(lambda leaf: leaf, cached)
+
+
+@functools.lru_cache(maxsize=None)
+def _param_shapes(channels: int, input_channels: int, condition: str,
+                  condition_method: str) -> Any:
     k = control_lib.condition_channels(condition)
     x = jax.ShapeDtypeStruct((1, 32, 32, input_channels + k), jnp.float32)
     model = PyNET(channels, condition=condition, condition_method=condition_method)

@@ -304,7 +304,7 @@ def test_out_of_process_peer_matches_in_process(tiny):
 def test_breakdown_parts_of_both_frameworks(tmp_path):
     pytest.importorskip('tensorflow')
     config = _tiny_bench_config(forward_dtypes=(), per_level=False, profile=False,
-                                breakdown=True, train_levels=(5,))
+                                breakdown=True, train_levels=(6,))
     # oneDNN's custom calls name each convolution's direction (XLA's backward convs do not).
     config.model.conv_impl = 'onednn'
     results = harness.run(config, str(tmp_path))

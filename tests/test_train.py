@@ -90,13 +90,25 @@ def test_vgg_loss_without_weights_fails_before_training(tmp_path):
 
 def test_level1_upsampling_start(tmp_path, data_dir):
     """With level1_start='upsample', level 1 trains from model.upsampling_start of level 2's final
-    parameters (here at a negligible rate, so that its saved parameters are still that start)."""
+    parameters (here at a negligible rate, so that its saved parameters are still that start).
+
+    Level 2 is a finished level the run finds in the workdir (as a resumed run does): the loop
+    hands its parameters to level 1 through the same variable as after training it, and level
+    2's train step (the costliest to compile but level 1's) is not needed to show the start."""
     config = tiny_config(data_dir, **{
         'train.order': (2, 1), 'train.level1_start': 'upsample', 'train.level1.trainable': 'level',
         'train.level1.learning_rate': 1e-12, 'train.final_eval': False})
     workdir = str(tmp_path / 'work')
+    finished = model_lib.init_params(model_lib.PyNET(4), jax.random.key(2), scheme='he')
+    checkpoint.save_params(workdir, 2, finished, {
+        'channels': 4, 'input_channels': 4, 'condition': 'none', 'condition_method': 'input',
+        'residual': False, 'source': 'train', 'steps': 2})
     train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        trained = {json.loads(line)['level'] for line in f if '"loss"' in line}
+    assert trained == {1}  # level 2 was skipped as finished, level 1 trained
     level2, _ = checkpoint.load_params(workdir, 2)
+    assert_trees_equal(level2, finished, 'level 2 as saved')
     level1, _ = checkpoint.load_params(workdir, 1)
     expected = model_lib.upsampling_start(level2)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-9), level1, expected)

@@ -47,11 +47,12 @@ def replicate(tree: Any) -> Any:
 
 def unreplicate(tree: Any) -> Any:
     """Host numpy copy of local device 0's replica (identical on every device after pmean)."""
-    # The first addressable shard is local device 0's [1, ...] slice; indexing x[0] instead would
-    # dispatch one gather per leaf (seconds for PyNET's 440 tensors and their Adam moments).
+    # The first addressable shard is local device 0's [1, ...] slice. It is copied to the host
+    # whole and indexed there: indexing the device array (x[0], or shard.data[0]) dispatches one
+    # gather per leaf (seconds for PyNET's 440 tensors and their Adam moments).
     # A copy, not a view: the train step donates (overwrites) these buffers while an async
     # checkpoint may still be writing the host arrays.
-    return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data[0]), tree)
+    return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data)[0], tree)
 
 
 def all_processes_agree(flag: bool) -> bool:
