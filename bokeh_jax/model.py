@@ -881,17 +881,10 @@ def param_shapes(channels: int = 32, input_channels: int = 4, condition: str = '
     """
     # A fresh tree of cached leaves: tracing the model's init takes ~0.5 s, and every parameter
     # load checks its tree against these shapes.
-    cached = _param_shapes(channels, input_channels, condition, condition_method)
-    return jax.tree.map(lambda leaf: leaf, cached)
-
-
-@functools.lru_cache(maxsize=None)
-def _param_shapes(channels: int, input_channels: int, condition: str,
-                  condition_method: str) -> Any:
-    k = control_lib.condition_channels(condition)
-    x = jax.ShapeDtypeStruct((1, 32, 32, input_channels + k), jnp.float32)
     model = PyNET(channels, condition=condition, condition_method=condition_method)
-    return jax.eval_shape(lambda r, x: model.init(r, x, level=1)['params'], jax.random.key(0), x)
+    channels_in = input_channels + control_lib.condition_channels(condition)
+    cached = _init_shapes(model, channels_in, (32, 32))
+    return jax.tree.map(lambda leaf: leaf, cached)
 
 
 # ----------------------------------------------------------------------------------------------
